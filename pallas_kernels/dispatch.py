@@ -6,12 +6,35 @@ time from the default backend and can be forced with MEGAMOE_KERNELS=reference|p
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import reference
+
+
+# Calibration hook: while `observe(fn)` is active (at trace time), every named quantization-aware matmul calls
+# fn(name, amax) with the fp32 amax of its input: a scalar for a linear and for the shared gate/up input of an
+# MoE layer ("<name>.w13"), [E] per expert for the down-projection inputs ("<name>.w2"; 0 where an expert got
+# no rows). fn runs inside the trace, so it must treat amax as a traced value (e.g. collect and return it).
+_observer: Callable | None = None
+
+
+@contextlib.contextmanager
+def observe(fn: Callable):
+    global _observer
+    prev, _observer = _observer, fn
+    try:
+        yield
+    finally:
+        _observer = prev
+
+
+def _amax(x):
+    return jnp.max(jnp.abs(x.astype(jnp.float32)))
 
 
 def kernels_enabled() -> bool:
@@ -29,8 +52,10 @@ def kernels_enabled() -> bool:
     return ok
 
 
-def linear(x: jax.Array, w, *, out_dtype=None) -> jax.Array:
-    """x [..., K] @ w[N, K]^T -> [..., N] for any weight format."""
+def linear(x: jax.Array, w, *, out_dtype=None, name: str | None = None) -> jax.Array:
+    """x [..., K] @ w[N, K]^T -> [..., N] for any weight format. `name` (module path) feeds calibration."""
+    if _observer is not None and name is not None:
+        _observer(name, _amax(x))
     if not reference.is_quantized(w):
         out_dtype = out_dtype or x.dtype
         y = jnp.einsum("...k,nk->...n", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
@@ -43,6 +68,24 @@ def grouped_linear(x: jax.Array, w, group_sizes: jax.Array, *, out_dtype=None) -
     return reference.grouped_linear(x, w, group_sizes, out_dtype=out_dtype)
 
 
-def moe_experts(x, w1, w3, w2, topk_idx, topk_weight, swiglu_limit, *, out_dtype=None):
-    """Routed experts of one MoE layer (see `reference.moe_experts` for the exact math)."""
+def moe_experts(x, w1, w3, w2, topk_idx, topk_weight, swiglu_limit, *, out_dtype=None, name: str | None = None):
+    """Routed experts of one MoE layer (see `reference.moe_experts` for the exact math).
+
+    `name` is the experts' module path (e.g. "layers.3.ffn.experts"); with an observer active it receives the
+    shared gate/up input amax and the per-expert down-projection input amax.
+    """
+    if _observer is not None and name is not None:
+        _observer(name + ".w13", _amax(x))
+        _observer(name + ".w2", _expert_hidden_amax(x, w1, w3, topk_idx, swiglu_limit))
     return reference.moe_experts(x, w1, w3, w2, topk_idx, topk_weight, swiglu_limit, out_dtype=out_dtype)
+
+
+def _expert_hidden_amax(x, w1, w3, topk_idx, swiglu_limit):
+    """Per-expert amax of the down projection's input (the unweighted clamped SwiGLU output)."""
+    e = w1.shape[0]
+    order, group_sizes = reference.route_sort(topk_idx, e)
+    xs = x[order // topk_idx.shape[1]]
+    h = reference.swiglu(reference.grouped_linear(xs, w1, group_sizes, out_dtype=jnp.float32),
+                         reference.grouped_linear(xs, w3, group_sizes, out_dtype=jnp.float32), swiglu_limit)
+    row_expert = jnp.sort(topk_idx.reshape(-1))
+    return jax.ops.segment_max(jnp.max(jnp.abs(h), axis=-1), row_expert, num_segments=e).clip(min=0.0)
