@@ -216,7 +216,7 @@ def tiny(**overrides) -> ModelConfig:
         n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
         mlp_layer_types=(HASH_MOE, HASH_MOE, TOPK_MOE, TOPK_MOE), routed_scaling_factor=1.5,
         swiglu_limit=1.0, hc_sinkhorn_iters=20,
-        yarn=YarnConfig(4.0, 32, 32.0, 1.0), max_position_embeddings=512, num_nextn_predict_layers=0)
+        yarn=YarnConfig(4.0, 64, 32.0, 1.0), max_position_embeddings=256, num_nextn_predict_layers=0)
     base.update(overrides)
     return ModelConfig(**base)
 
