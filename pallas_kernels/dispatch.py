@@ -68,16 +68,31 @@ def grouped_linear(x: jax.Array, w, group_sizes: jax.Array, *, out_dtype=None) -
     return reference.grouped_linear(x, w, group_sizes, out_dtype=out_dtype)
 
 
-def moe_experts(x, w1, w3, w2, topk_idx, topk_weight, swiglu_limit, *, out_dtype=None, name: str | None = None):
+def moe_experts(x, w1, w3, w2, topk_idx, topk_weight, swiglu_limit, *, out_dtype=None, name: str | None = None,
+                mesh=None):
     """Routed experts of one MoE layer (see `reference.moe_experts` for the exact math).
 
     `name` is the experts' module path (e.g. "layers.3.ffn.experts"); with an observer active it receives the
     shared gate/up input amax and the per-expert down-projection input amax.
+    `mesh` (or, when None, the mesh set by `jax.set_mesh`) with an "expert" axis runs the expert-parallel
+    version (`ep_moe.moe_experts_ep`: all-to-all dispatch/combine in shard_map, same math).
     """
     if _observer is not None and name is not None:
         _observer(name + ".w13", _amax(x))
         _observer(name + ".w2", _expert_hidden_amax(x, w1, w3, topk_idx, swiglu_limit))
+    mesh = mesh if mesh is not None else _expert_mesh()
+    if mesh is not None:
+        from pallas_kernels import ep_moe
+        return ep_moe.moe_experts_ep(x, w1, w3, w2, topk_idx, topk_weight, swiglu_limit, mesh=mesh,
+                                     out_dtype=out_dtype)
     return reference.moe_experts(x, w1, w3, w2, topk_idx, topk_weight, swiglu_limit, out_dtype=out_dtype)
+
+
+def _expert_mesh():
+    """The ambient (`jax.set_mesh`) mesh when it has an "expert" axis: part of jit's cache key, so a model traced
+    under a mesh and one traced without never share a compiled function."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or "expert" not in mesh.axis_names else mesh
 
 
 def _expert_hidden_amax(x, w1, w3, topk_idx, swiglu_limit):

@@ -33,7 +33,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import dispatch, reference
 
@@ -44,7 +44,7 @@ DATA, EXPERT, TENSOR = "data", "expert", "tensor"
 # Partition specs for (possibly block-quantized) weights
 # --------------------------------------------------------------------------------------------------------------
 
-def axis_size(mesh: Mesh, name: str) -> int:
+def axis_size(mesh, name: str) -> int:
     return int(mesh.shape[name]) if name in mesh.axis_names else 1
 
 
@@ -85,7 +85,7 @@ def logical_shape(w) -> tuple[int, ...]:
     return tuple(int(s) for s in w.shape)
 
 
-def weight_specs(w, logical_spec: Sequence, mesh: Mesh, *, required: Sequence[bool] | None = None,
+def weight_specs(w, logical_spec: Sequence, mesh, *, required: Sequence[bool] | None = None,
                  name: str = "weight"):
     """PartitionSpecs for every leaf of a plain or quantized weight, following one logical spec.
 
@@ -121,7 +121,7 @@ def weight_specs(w, logical_spec: Sequence, mesh: Mesh, *, required: Sequence[bo
     return jax.tree_util.tree_map(leaf_spec, w), tuple(effective)
 
 
-def expert_weight_specs(w1, w3, w2, mesh: Mesh):
+def expert_weight_specs(w1, w3, w2, mesh):
     """Specs for stacked routed experts w1/w3 [E, I, D], w2 [E, D, I]: E over "expert" (must divide),
     I over "tensor" when all three split at block boundaries (else replicated over "tensor")."""
     e, i, _ = logical_shape(w1)
@@ -269,15 +269,18 @@ def _unpad_tokens(a, t, dp, per):
     return a.reshape((dp * per,) + a.shape[2:])[:t]
 
 
-def default_exchange(mesh: Mesh) -> str:
+def default_exchange(mesh) -> str:
     """"ragged" on GPUs (NCCL), "dense" elsewhere (XLA:CPU has no ragged-all-to-all)."""
-    return "ragged" if mesh.devices.flat[0].platform in ("gpu", "cuda", "rocm") else "dense"
+    device = getattr(mesh.abstract_mesh, "abstract_device", None)
+    platform = getattr(device, "platform", None) or jax.default_backend()
+    return "ragged" if platform in ("gpu", "cuda", "rocm") else "dense"
 
 
-def moe_experts_ep(x, w1, w3, w2, topk_idx, topk_weight, swiglu_limit, *, mesh: Mesh, out_dtype=None,
+def moe_experts_ep(x, w1, w3, w2, topk_idx, topk_weight, swiglu_limit, *, mesh, out_dtype=None,
                    combine_dtype=jnp.float32, exchange: str | None = None):
     """Routed experts of one MoE layer, expert-parallel over `mesh` (math of `reference.moe_experts`).
 
+    `mesh`: a `Mesh` or the `AbstractMesh` of `jax.set_mesh` (inside jit).
     x [T, D]; w1, w3 [E, I, D]; w2 [E, D, I] (plain arrays or quantized pytrees, ideally already placed with
     `expert_weight_specs`); topk_idx [T, k] int in [0, E); topk_weight [T, k]. Returns [T, D] in out_dtype
     (default x.dtype). `combine_dtype` is the dtype of the returned expert rows (fp32: exact to the reference

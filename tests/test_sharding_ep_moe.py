@@ -102,3 +102,21 @@ def test_weight_specs_blocks_and_errors():
     with pytest.raises(ValueError, match="topk_idx"):
         ep_moe.moe_experts_ep(jnp.zeros((4, 8)), w[:, :, :8], w[:, :, :8], jnp.zeros((8, 8, 64)),
                               jnp.zeros((3, 2), jnp.int32), jnp.zeros((3, 2)), None, mesh=m)
+
+
+def test_dispatch_uses_the_ambient_mesh():
+    # dispatch.moe_experts (the model's entry point) goes expert-parallel under jax.set_mesh, and only there.
+    from pallas_kernels import dispatch
+    rng = np.random.default_rng(11)
+    t, d, i, e, k = 9, 16, 16, 8, 2
+    x = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
+    w1, w3, w2 = _experts(rng, e, i, d)
+    idx, wt = _routing(rng, t, e, k)
+    fn = jax.jit(lambda *a: dispatch.moe_experts(*a, 10.0))
+    ref = reference.moe_experts(x, w1, w3, w2, idx, wt, 10.0)
+    with jax.set_mesh(mesh(2, 4, 1)):
+        hlo = fn.lower(x, w1, w3, w2, idx, wt).as_text()
+        out = fn(x, w1, w3, w2, idx, wt)
+    assert "all_to_all" in hlo or "all-to-all" in hlo
+    assert "all_to_all" not in fn.lower(x, w1, w3, w2, idx, wt).as_text()
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
