@@ -1,0 +1,71 @@
+"""Manifold-constrained hyper-connections (mHC), exactly as DeepSeek's reference ([R] `Block.hc_pre/hc_post`,
+`ParallelHead.hc_head`, TileLang `hc_split_sinkhorn`).
+
+The residual stream is X [..., n, D] (n = hc_mult copies). Around each sublayer:
+  mix  = (flatten(X) @ fn^T) * rsqrt(mean(flatten(X)^2) + rms_eps)          fp32, [..., (2+n)n]
+  pre  = sigmoid(mix[:n] * scale[0] + base[:n]) + hc_eps                     collapse weights
+  post = 2 * sigmoid(mix[n:2n] * scale[1] + base[n:2n])                       expand weights
+  comb = Sinkhorn(softmax_rows(mix[2n:] * scale[2] + base[2n:]) + hc_eps)     [..., n, n], ~doubly stochastic
+  y    = sum_i pre_i X_i                                                      sublayer input
+  X'_j = post_j F + sum_i comb[i, j] X_i                                      comb applied TRANSPOSED
+All of it in fp32, cast back to the stream dtype once.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from megamoe_jax.model.norms import rms_scale
+
+_HI = jax.lax.Precision.HIGHEST   # tiny matmuls; keep them exact fp32 on GPUs too (no TF32)
+
+
+def hc_mixes(x: jax.Array, fn: jax.Array, rms_eps: float) -> jax.Array:
+    """x [..., n, D], fn [M, n*D] -> [..., M] fp32 ([R] applies the rsqrt after the projection)."""
+    xf = x.reshape(*x.shape[:-2], -1).astype(jnp.float32)               # [..., n*D]
+    mixes = jnp.einsum("...k,mk->...m", xf, fn.astype(jnp.float32), precision=_HI)
+    return mixes * rms_scale(xf, rms_eps)
+
+
+def sinkhorn_split(mixes: jax.Array, scale: jax.Array, base: jax.Array, n: int, iters: int, eps: float):
+    """[R] hc_split_sinkhorn: mixes [..., (2+n)n] -> pre [..., n], post [..., n], comb [..., n, n] (fp32)."""
+    scale = scale.astype(jnp.float32)
+    base = base.astype(jnp.float32)
+    pre = jax.nn.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + eps
+    post = 2.0 * jax.nn.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
+    logits = (mixes[..., 2 * n:] * scale[2] + base[2 * n:]).reshape(*mixes.shape[:-1], n, n)
+    comb = jax.nn.softmax(logits, axis=-1) + eps                        # rows: comb[i, :] over j
+    comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)         # columns
+
+    def body(_, c):
+        c = c / (jnp.sum(c, axis=-1, keepdims=True) + eps)
+        return c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
+
+    comb = jax.lax.fori_loop(0, iters - 1, body, comb)
+    return pre, post, comb
+
+
+def hc_pre(x: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, *, hc_mult: int, iters: int,
+           rms_eps: float, hc_eps: float):
+    """x [..., n, D] -> (y [..., D] in x.dtype, post [..., n] fp32, comb [..., n, n] fp32)."""
+    pre, post, comb = sinkhorn_split(hc_mixes(x, fn, rms_eps), scale, base, hc_mult, iters, hc_eps)
+    y = jnp.sum(pre[..., None] * x.astype(jnp.float32), axis=-2)        # [..., D]
+    return y.astype(x.dtype), post, comb
+
+
+def hc_post(f: jax.Array, residual: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
+    """f [..., D] sublayer output, residual [..., n, D] -> [..., n, D] in residual.dtype.
+
+    X'[j] = post[j] * f + sum_i comb[i, j] * residual[i]   (comb^T @ residual: [R] sums over comb's FIRST axis).
+    """
+    mixed = jnp.einsum("...ij,...id->...jd", comb, residual.astype(jnp.float32), precision=_HI)
+    y = post[..., None] * f.astype(jnp.float32)[..., None, :] + mixed
+    return y.astype(residual.dtype)
+
+
+def hc_head(x: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, *, rms_eps: float,
+            hc_eps: float) -> jax.Array:
+    """Final collapse of the n streams ([R] ParallelHead.hc_head): x [..., n, D] -> [..., D] in x.dtype."""
+    mixes = hc_mixes(x, fn, rms_eps)                                     # [..., n]
+    pre = jax.nn.sigmoid(mixes * scale.astype(jnp.float32) + base.astype(jnp.float32)) + hc_eps
+    return jnp.sum(pre[..., None] * x.astype(jnp.float32), axis=-2).astype(x.dtype)
