@@ -1,0 +1,168 @@
+"""DeepSeek-V4 KV compressor ([R] `Compressor`): gated pooling of every `m` consecutive tokens into one entry.
+
+Per token (projections in float32, as [R] does: "compression need fp32"):
+    Cv = x @ wkv^T                      # [coff*d]
+    Z  = x @ wgate^T + ape[pos % m]     # [coff*d], position bias by slot in the window
+Entry i summarises window i = positions [i*m, (i+1)*m) and exists once that window is complete:
+  * m == 4 (CSA, overlap, coff = 2): candidates are window i-1's FIRST halves (Cv[:, :d], Z[:, :d]) and window
+    i's SECOND halves (Cv[:, d:], Z[:, d:]): 2m rows; window -1 contributes nothing (C = 0, Z = -inf).
+  * any other m (HCA, coff = 1): the m rows of window i.
+    c_i = sum_rows softmax_rows(Z) * Cv            (softmax per channel over the candidate rows)
+    c_i = rope(RMSNorm(c_i, norm), position i*m)   (rope at the window START, on the last rd dims)
+The indexer's compressor is the same module at head width index_head_dim. [R]'s QAT simulation (FP8 round trip of
+the entry's nope dims; for the indexer a Hadamard rotation + FP4 round trip) is not reproduced: the Hadamard
+cancels in the indexer's q.k, and the rounding is optional numerics ([R] itself notes the cache "could also use
+fp8"). Outputs therefore match an unquantized [R] / transformers.
+
+Decode state (`CompressorState`, [R] `kv_state` / `score_state` / `kv_cache`): for a sequence whose next position
+is `start`, row u of `kv` / `score` holds the token at position base + u, base = (start // m) * m - overlap * m;
+i.e. with overlap rows [0, m) are the previous complete window and rows [m, 2m) the current partial one (slot
+pos % m), without overlap rows [0, m) are the current partial window. Rows whose position is < 0 or >= start hold
+zeros and are never read (every read is masked by position), so the state of a row that receives only padding
+is left bit-identical.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from megamoe_jax.model.rope import apply_rope
+from pallas_kernels import dispatch
+
+CSA_RATIO = 4   # [R]: overlap (and the indexer) <=> compress ratio 4
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """[R] RMSNorm: normalise in float32, multiply by the (float32) weight, cast back to x.dtype."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * xf).astype(x.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CompressorState:
+    """Per-layer compressor state for B sequences (a pytree; all shapes static)."""
+    kv: jax.Array        # [B, coff*m, coff*d] float32: Cv of the pending tokens (row u = position base + u)
+    score: jax.Array     # [B, coff*m, coff*d] float32: Z + ape of the same tokens
+    entries: jax.Array   # [B, max_len // m, d] cache dtype: compressed entry i (valid for i < next_pos // m)
+
+
+def _init(rngs: nnx.Rngs, shape, dtype):
+    # Random normal scaled by 1/sqrt(fan_in); real weights come from a checkpoint.
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) * shape[-1] ** -0.5).astype(dtype)
+
+
+def _masked_softmax(score: jax.Array, valid: jax.Array, axis: int) -> jax.Array:
+    """Softmax over `axis` where invalid rows get weight 0; an all-invalid slice gives zeros (never NaN)."""
+    s = jnp.where(valid, score, -jnp.inf)
+    mx = jnp.max(s, axis=axis, keepdims=True)
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    e = jnp.exp(s - mx)
+    den = jnp.sum(e, axis=axis, keepdims=True)
+    return e / jnp.where(den > 0, den, 1.0)
+
+
+class Compressor(nnx.Module):
+    """Gated-pooling compressor with ratio m and output head width d (see the module docstring)."""
+
+    def __init__(self, hidden_size: int, head_dim: int, ratio: int, rms_norm_eps: float, *, name: str,
+                 rngs: nnx.Rngs, param_dtype=jnp.float32):
+        if ratio <= 0:
+            raise ValueError(f"{name}: compress ratio must be > 0, got {ratio}")
+        self.hidden_size = hidden_size
+        self.head_dim = head_dim
+        self.ratio = ratio
+        self.overlap = ratio == CSA_RATIO
+        self.eps = rms_norm_eps
+        self.name = name                      # DeepSeek-native module path, e.g. "layers.1.attn.compressor"
+        coff = 2 if self.overlap else 1
+        self.wkv = nnx.Param(_init(rngs, (coff * head_dim, hidden_size), param_dtype))     # [coff*d, D]
+        self.wgate = nnx.Param(_init(rngs, (coff * head_dim, hidden_size), param_dtype))   # [coff*d, D]
+        self.ape = nnx.Param(jnp.zeros((ratio, coff * head_dim), jnp.float32))             # [m, coff*d]
+        self.norm = nnx.Param(jnp.ones((head_dim,), jnp.float32))                          # [d]
+
+    @property
+    def state_rows(self) -> int:
+        return (2 if self.overlap else 1) * self.ratio
+
+    def init_state(self, batch: int, max_len: int, dtype) -> CompressorState:
+        coff = 2 if self.overlap else 1
+        rows = self.state_rows
+        return CompressorState(
+            kv=jnp.zeros((batch, rows, coff * self.head_dim), jnp.float32),
+            score=jnp.zeros((batch, rows, coff * self.head_dim), jnp.float32),
+            entries=jnp.zeros((batch, max_len // self.ratio, self.head_dim), dtype),
+        )
+
+    def __call__(self, x: jax.Array, state: CompressorState, start_pos: jax.Array, lengths: jax.Array,
+                 freqs) -> CompressorState:
+        """Append tokens x [B, T, D] at positions start_pos[b] + t (t < lengths[b]); return the new state.
+
+        Every entry whose window completes among the new tokens is written to `entries`; tokens t >= lengths[b]
+        are ignored. `freqs` are the layer's rope frequencies (rope at each entry's window start).
+        """
+        b, t, _ = x.shape
+        m, d = self.ratio, self.head_dim
+        ov = 1 if self.overlap else 0
+        coff = 1 + ov
+        rows = coff * m
+        if state.kv.shape != (b, rows, coff * d) or state.entries.shape[::2] != (b, d):
+            raise ValueError(f"{self.name}: state shapes kv {state.kv.shape}, entries {state.entries.shape} do not "
+                             f"match batch {b}, ratio {m}, head_dim {d}")
+
+        pos = start_pos[:, None] + jnp.arange(t, dtype=start_pos.dtype)                # [B, T]
+        xf = x.astype(jnp.float32)
+        kv = dispatch.linear(xf, self.wkv.get_value(), out_dtype=jnp.float32, name=f"{self.name}.wkv")
+        score = dispatch.linear(xf, self.wgate.get_value(), out_dtype=jnp.float32, name=f"{self.name}.wgate")
+        score = score + self.ape.get_value().astype(jnp.float32)[pos % m]                # [B, T, coff*d]
+
+        # A window-aligned "extended" sequence per row: positions base .. base + U - 1, taken from the state
+        # rows (positions < start) and the new tokens (positions >= start). It covers every window that can
+        # complete in this call and the rows of the next state.
+        n_emit = (m - 1 + t) // m                        # most entries one call can complete (static)
+        u_len = (n_emit + coff) * m
+        end = start_pos + lengths                                                       # [B]
+        base = (start_pos // m) * m - ov * m                                            # [B]
+        taken = start_pos - base                                                        # [B] rows from the state
+        u = jnp.arange(u_len, dtype=start_pos.dtype)
+        src = jnp.where(u[None] < taken[:, None], u[None], rows + u[None] - taken[:, None])
+        src = jnp.clip(src, 0, rows + t - 1)                                            # [B, U]
+        pos_u = base[:, None] + u[None]                                                 # [B, U]
+        valid = (pos_u >= 0) & (pos_u < end[:, None])
+        ext_kv = jnp.take_along_axis(jnp.concatenate([state.kv, kv], 1), src[..., None], 1)
+        ext_sc = jnp.take_along_axis(jnp.concatenate([state.score, score], 1), src[..., None], 1)
+        ext_kv = jnp.where(valid[..., None], ext_kv, 0.0)                               # [B, U, coff*d]
+        ext_sc = jnp.where(valid[..., None], ext_sc, 0.0)
+
+        # Candidates of the n_emit entries that may complete: entry i = start // m + j uses extended window
+        # ov + j (its own tokens) and, with overlap, window j (the previous one).
+        wkv = ext_kv.reshape(b, n_emit + coff, m, coff * d)
+        wsc = ext_sc.reshape(b, n_emit + coff, m, coff * d)
+        wok = valid.reshape(b, n_emit + coff, m, 1)
+        if self.overlap:
+            cand_kv = jnp.concatenate([wkv[:, :n_emit, :, :d], wkv[:, 1:1 + n_emit, :, d:]], axis=2)
+            cand_sc = jnp.concatenate([wsc[:, :n_emit, :, :d], wsc[:, 1:1 + n_emit, :, d:]], axis=2)
+            cand_ok = jnp.concatenate([wok[:, :n_emit], wok[:, 1:1 + n_emit]], axis=2)  # [B, n_emit, 2m, 1]
+        else:
+            cand_kv, cand_sc, cand_ok = wkv[:, :n_emit], wsc[:, :n_emit], wok[:, :n_emit]
+        weights = _masked_softmax(cand_sc, cand_ok, axis=2)
+        comp = jnp.sum(weights * cand_kv, axis=2)                                       # [B, n_emit, d] f32
+        dtype = state.entries.dtype
+        comp = rms_norm(comp.astype(dtype), self.norm.get_value(), self.eps)
+        entry = start_pos[:, None] // m + jnp.arange(n_emit, dtype=start_pos.dtype)     # [B, n_emit]
+        comp = apply_rope(comp, entry * m, freqs)
+        done = (entry + 1) * m <= end[:, None]
+        n_entries = state.entries.shape[1]
+        slot = jnp.where(done, entry, n_entries)          # out of range -> dropped
+        rows_b = jnp.broadcast_to(jnp.arange(b)[:, None], slot.shape)
+        entries = state.entries.at[rows_b, slot].set(comp.astype(dtype), mode="drop")
+
+        # Next state: rows of positions new_base .. new_base + rows - 1 (invalid positions are already zero).
+        shift = (end // m - start_pos // m) * m                                         # [B]
+        take = (shift[:, None] + jnp.arange(rows, dtype=start_pos.dtype)[None])[..., None]
+        return CompressorState(kv=jnp.take_along_axis(ext_kv, take, 1),
+                               score=jnp.take_along_axis(ext_sc, take, 1), entries=entries)
