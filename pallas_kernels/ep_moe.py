@@ -94,9 +94,12 @@ def weight_specs(w, logical_spec: Sequence, mesh, *, required: Sequence[bool] | 
     [E, N] or (), input scale [E] or ()); a leaf dim of size 1 is replicated. A logical dim that does not split
     evenly at block boundaries is replicated instead, unless `required[d]` is set, which raises ValueError.
 
-    Returns (tree of PartitionSpec with w's structure, the effective logical spec as a tuple).
+    Returns (list of PartitionSpec, one per leaf in `jax.tree_util.tree_leaves(w)` order, the effective
+    logical spec as a tuple).
     """
     shape = logical_shape(w)
+    if len(logical_spec) > len(shape):
+        raise ValueError(f"{name}: spec {tuple(logical_spec)} has more dims than the weight's shape {shape}")
     spec = tuple(logical_spec) + (None,) * (len(shape) - len(logical_spec))
     required = tuple(required or ()) + (False,) * (len(shape) - len(tuple(required or ())))
     leaves = _leaves(w)
@@ -118,23 +121,55 @@ def weight_specs(w, logical_spec: Sequence, mesh, *, required: Sequence[bool] | 
     def leaf_spec(leaf):
         return P(*[effective[d] if leaf.shape[d] != 1 else None for d in range(leaf.ndim)])
 
-    return jax.tree_util.tree_map(leaf_spec, w), tuple(effective)
+    return [leaf_spec(leaf) for leaf in leaves], tuple(effective)
+
+
+def _block_along(w, dim: int) -> int:
+    """Largest number of logical elements one leaf entry covers along logical dim `dim` (1 for plain weights)."""
+    logical = logical_shape(w)[dim]
+    return max([_elements_per_entry(logical, leaf.shape[dim]) for leaf in _leaves(w)
+                if leaf.ndim > dim and leaf.shape[dim] != 1] or [1])
+
+
+def expert_hidden_splits(w, hidden_dim: int, mesh) -> bool:
+    """Whether the expert hidden dim I (dim 1 of w1/w3, dim 2 of w2) is split over "tensor".
+
+    I/tp must be a multiple of the weight's block size along BOTH matrix dims, so w1/w3 (I on N) and w2 (I on K)
+    of one format always agree: the shard_map needs all three split or none."""
+    tp = axis_size(mesh, TENSOR)
+    if tp == 1:
+        return False
+    i = logical_shape(w)[hidden_dim]
+    block = max(_block_along(w, 1), _block_along(w, 2))
+    tied = [leaf.shape[hidden_dim] for leaf in _leaves(w) if leaf.ndim > hidden_dim and leaf.shape[hidden_dim] != 1]
+    return i % tp == 0 and (i // tp) % block == 0 and dim_splits(i, tied, tp)
+
+
+def expert_weight_spec(w, kind: str, mesh, *, split_hidden: bool | None = None):
+    """Leaf specs of one stacked expert weight: kind "w1"/"w3" ([E, I, D]) or "w2" ([E, D, I]).
+    E over "expert" (must divide: ValueError otherwise); I over "tensor" per `expert_hidden_splits`."""
+    if kind not in ("w1", "w3", "w2"):
+        raise ValueError(f"expert weight kind must be w1, w3 or w2, got {kind!r}")
+    hidden_dim = 2 if kind == "w2" else 1
+    e = logical_shape(w)[0]
+    ep = axis_size(mesh, EXPERT)
+    if e % ep:
+        raise ValueError(f"{e} routed experts do not split over {ep} expert-parallel devices")
+    if split_hidden is None:
+        split_hidden = expert_hidden_splits(w, hidden_dim, mesh)
+    t = TENSOR if split_hidden else None
+    spec = (EXPERT, None, t) if kind == "w2" else (EXPERT, t, None)
+    return weight_specs(w, spec, mesh, required=(True, False, False), name=f"experts.{kind}")[0]
 
 
 def expert_weight_specs(w1, w3, w2, mesh):
-    """Specs for stacked routed experts w1/w3 [E, I, D], w2 [E, D, I]: E over "expert" (must divide),
-    I over "tensor" when all three split at block boundaries (else replicated over "tensor")."""
-    e, i, _ = logical_shape(w1)
-    ep, tp = axis_size(mesh, EXPERT), axis_size(mesh, TENSOR)
-    if e % ep:
-        raise ValueError(f"{e} routed experts do not split over {ep} expert-parallel devices")
-    t_ok = all(dim_splits(i, [leaf.shape[dim] for leaf in _leaves(w) if leaf.ndim > dim and leaf.shape[dim] != 1], tp)
-               for w, dim in ((w1, 1), (w3, 1), (w2, 2)))
-    t = TENSOR if (t_ok and tp > 1) else None
-    s1, _ = weight_specs(w1, (EXPERT, t, None), mesh, required=(True,), name="experts.w1")
-    s3, _ = weight_specs(w3, (EXPERT, t, None), mesh, required=(True,), name="experts.w3")
-    s2, _ = weight_specs(w2, (EXPERT, None, t), mesh, required=(True,), name="experts.w2")
-    return (s1, s3, s2), t is not None
+    """Leaf specs for stacked routed experts w1/w3 [E, I, D], w2 [E, D, I] and whether I is split over
+    "tensor" (only when all three allow it)."""
+    split = (expert_hidden_splits(w1, 1, mesh) and expert_hidden_splits(w3, 1, mesh)
+             and expert_hidden_splits(w2, 2, mesh))
+    specs = tuple(expert_weight_spec(w, kind, mesh, split_hidden=split)
+                  for w, kind in ((w1, "w1"), (w3, "w3"), (w2, "w2")))
+    return specs, split
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -310,7 +345,7 @@ def moe_experts_ep(x, w1, w3, w2, topk_idx, topk_weight, swiglu_limit, *, mesh, 
         lw, tw = jax.tree_util.tree_flatten(w)
         leaves.append(lw)
         trees.append(tw)
-        specs.append(jax.tree_util.tree_leaves(s, is_leaf=lambda v: isinstance(v, P)))
+        specs.append(list(s))
 
     tok = P((DATA, EXPERT) if DATA in mesh.axis_names else EXPERT, None)
 

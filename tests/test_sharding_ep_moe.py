@@ -92,9 +92,9 @@ def test_bf16_activations_and_bf16_combine():
 def test_weight_specs_blocks_and_errors():
     m = mesh(1, 4, 2)
     w = jnp.zeros((8, 64, 32))
-    specs, _ = ep_moe.expert_weight_specs(w, w, jnp.zeros((8, 32, 64)), m)
-    assert specs[0] == jax.sharding.PartitionSpec("expert", "tensor", None)
-    assert specs[2] == jax.sharding.PartitionSpec("expert", None, "tensor")
+    specs, split = ep_moe.expert_weight_specs(w, w, jnp.zeros((8, 32, 64)), m)
+    assert split and specs[0] == [jax.sharding.PartitionSpec("expert", "tensor", None)]
+    assert specs[2] == [jax.sharding.PartitionSpec("expert", None, "tensor")]
     # hidden dim 24 does not split over tensor=2 at a 16-block boundary -> experts replicated over tensor.
     assert ep_moe.dim_splits(24, [12, 2], 2) is False and ep_moe.dim_splits(64, [32, 4], 2) is True
     with pytest.raises(ValueError, match="routed experts do not split"):
