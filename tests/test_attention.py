@@ -312,8 +312,9 @@ def test_compressor_pools_in_fp32_with_bf16_activations_as_reference():
     # one cast before the norm. transformers 5.23 runs kv_proj/gate_proj and the weighted sum in the model dtype.
     # Ours follows [R]: with bf16 activations and bf16-representable weights, our compressed entries are the fp32
     # result up to the final bf16 roundings; transformers' bf16 entries are measurably further away.
-    cfg, oracle, layer = setup(16)
+    cfg, oracle, _ = setup(16)
     x = jnp.asarray(inputs(cfg, 64, seed=6)).astype(jnp.bfloat16)
+    layer = ours_from(oracle, cfg)            # a private copy: its weights get rounded below
     comp = layer.compressor
     for p in (comp.wkv, comp.wgate):
         p.set_value(p.get_value().astype(jnp.bfloat16).astype(jnp.float32))
@@ -325,10 +326,10 @@ def test_compressor_pools_in_fp32_with_bf16_activations_as_reference():
     with torch.no_grad():
         for name, src in (("kv_proj.weight", comp.wkv), ("gate_proj.weight", comp.wgate),
                           ("position_bias", comp.ape), ("kv_norm.weight", comp.norm)):
-            hf_comp.get_parameter(name).copy_(torch.from_numpy(np.asarray(src.get_value(), np.float32)))
+            hf_comp.get_parameter(name).copy_(torch.from_numpy(np.array(src.get_value(), np.float32)))
         hf_comp.kv_proj.to(torch.bfloat16)
         hf_comp.gate_proj.to(torch.bfloat16)     # position_bias and kv_norm stay fp32 (_keep_in_fp32_modules_strict)
-        xt = torch.from_numpy(np.asarray(x.astype(jnp.float32))).to(torch.bfloat16)
+        xt = torch.from_numpy(np.array(x.astype(jnp.float32))).to(torch.bfloat16)
         hf_entries, _ = hf_comp(xt, None, torch.arange(64)[None], None, 0)
     hf_entries = hf_entries[0, 0].float().numpy()
     exact = np.asarray(exact)
@@ -336,6 +337,50 @@ def test_compressor_pools_in_fp32_with_bf16_activations_as_reference():
     err_hf = relerr(hf_entries, exact)
     assert err_ours < 2 ** -7                       # a couple of bf16 roundings
     assert err_hf > 2 * err_ours
+
+
+# ---- weight formats and dtypes ---------------------------------------------------------------------------------
+
+def _weight_params(layer):
+    return [(path, v) for path, v in nnx.to_flat_state(nnx.state(layer, nnx.Param))
+            if path[-1] in ("wq_a", "wq_b", "wkv", "wo_a", "wo_b", "weights_proj")]
+
+
+def test_quantized_weights_run_through_dispatch_without_format_branches():
+    # Every projection takes an NVFP4 weight (W4A16) and gives the output of its dequantized copy; wo_a's grouped
+    # matmul splits the quantized pytree per group, including a per-row global scale [G*Ro].
+    # Random codes and block scales make valid NVFP4 weights (nvfp4.quantize is too slow to run here).
+    from megamoe_jax.quant.nvfp4 import NVFP4Tensor
+    cfg, oracle, _ = setup(4)
+    q_layer, d_layer = ours_from(oracle, cfg), ours_from(oracle, cfg)
+    rng = np.random.default_rng(9)
+    for (path, v), (_, dv) in zip(_weight_params(q_layer), _weight_params(d_layer)):
+        n, k = v.get_value().shape
+        g = np.float32(0.6 / k ** 0.5)
+        t = NVFP4Tensor(jnp.asarray(rng.integers(0, 256, (n, k // 2)), jnp.uint8),
+                        jnp.asarray(rng.uniform(0.5, 2.0, (n, k // 16)), jnp.float8_e4m3fn),
+                        jnp.full((n,), g) if path[-1] == "wo_a" else jnp.asarray(g))
+        v.set_value(t)
+        dv.set_value(t.dequantize(jnp.float32))
+    x = jnp.asarray(inputs(cfg, 30, seed=7))
+    args = (i32(0), i32(30))
+    got, _ = run(q_layer, x, q_layer.init_state(1, MAX_LEN, jnp.float32), *args)
+    want, _ = run(d_layer, x, d_layer.init_state(1, MAX_LEN, jnp.float32), *args)
+    assert relerr(got, np.asarray(want)) < 1e-6
+
+
+def test_bf16_activations_state_and_weights_stay_close_to_fp32():
+    cfg, oracle, layer = setup(4)
+    x = inputs(cfg, 40, seed=8)
+    want = oracle(x)
+    b_layer = ours_from(oracle, cfg, param_dtype=jnp.bfloat16)
+    for _, v in _weight_params(b_layer):
+        v.set_value(v.get_value().astype(jnp.bfloat16))
+    out, state = run(b_layer, jnp.asarray(x, jnp.bfloat16), b_layer.init_state(1, MAX_LEN, jnp.bfloat16),
+                     i32(0), i32(40))
+    assert out.dtype == jnp.bfloat16 and state.window.dtype == jnp.bfloat16
+    assert state.compressor.kv.dtype == jnp.float32          # pending compressor rows stay fp32 ([R])
+    assert relerr(np.asarray(out.astype(jnp.float32)), want) < 5e-2
 
 
 # ---- state layout and bad input ---------------------------------------------------------------------------------
