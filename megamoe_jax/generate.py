@@ -19,12 +19,12 @@ from flax import nnx
 from megamoe_jax.model.model import DeepseekV4
 from megamoe_jax.model.state import DecodeState
 
-BUCKET = 16   # prompt lengths and cache capacities are rounded up to this, to bound recompilation
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """Static sampling parameters (hashable: part of the compiled program's identity)."""
+    """Sampling settings. Only `greedy`, `top_k` and whether top-p is on shape the compiled program; the
+    temperature and the top-p mass are runtime values (changing them does not recompile)."""
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
@@ -32,7 +32,8 @@ class Sampling:
     def __post_init__(self):
         if not (self.temperature >= 0.0 and np.isfinite(self.temperature)):
             raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1):
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer))
+                                       or self.top_k < 1):
             raise ValueError(f"top_k must be a positive int or None, got {self.top_k!r}")
         if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
@@ -41,34 +42,43 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def static(self) -> tuple:
+        """The part of the settings that is baked into the compiled decode program."""
+        if self.greedy:
+            return (True, None, False)
+        return (False, self.top_k, self.top_p is not None and self.top_p < 1.0)
 
-def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
-    """logits [B, V] fp32 -> token ids [B] int32."""
-    if s.greedy:
+
+def sample(logits: jax.Array, key: jax.Array, *, greedy: bool, top_k: int | None = None,
+           temperature: jax.Array | float = 1.0, top_p: jax.Array | float | None = None) -> jax.Array:
+    """logits [B, V] fp32 -> token ids [B] int32 (greedy argmax, or temperature / top-k / top-p sampling)."""
+    if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / s.temperature
-    if s.top_k is not None and s.top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, s.top_k)[0][..., -1:]
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if s.top_p is not None and s.top_p < 1.0:
+    if top_p is not None:
         # Keep the smallest prefix of tokens (by descending probability) whose mass reaches top_p; the top token
         # is always kept (transformers' TopPLogitsWarper semantics).
         order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep_sorted = mass_before < s.top_p
+        probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+        keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p
         keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
         logits = jnp.where(keep, logits, -jnp.inf)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
+def bucket(n: int) -> int:
+    """Round a length up to a compile bucket: powers of two from 16 to 4096, then multiples of 1024."""
+    if n <= 4096:
+        return max(16, 1 << (max(n, 1) - 1).bit_length())
+    return -(-n // 1024) * 1024
 
 
 class Generator:
-    """Compiled prefill / decode programs for one model; compiled programs are cached per shape and settings."""
+    """Compiled prefill / decode programs for one model, cached per (batch, bucketed lengths, static settings)."""
 
     def __init__(self, model: DeepseekV4):
         self.graphdef, self.params = nnx.split(model)
@@ -77,17 +87,23 @@ class Generator:
         # Donating the decode state lets XLA update caches in place; CPU does not implement donation.
         self._donate = jax.default_backend() != "cpu"
         self._callback: Callable | None = None   # the host callback of the generate() call in progress
+        self.traces: dict[str, int] = {}          # how often each program was traced (tests: no retracing)
+
+    def _traced(self, what: str) -> None:
+        self.traces[what] = self.traces.get(what, 0) + 1
 
     # ---- compiled programs ------------------------------------------------------------------------------
     def prefill_fn(self, max_len: int):
+        """(params, ids [B, T], lengths [B]) -> (next-token logits [B, V] fp32, state of capacity max_len)."""
         key = ("prefill", max_len)
         if key not in self._cache:
             graphdef = self.graphdef
 
             def prefill(params, ids, lengths):
+                self._traced("prefill")
                 model = nnx.merge(graphdef, params)
                 state = model.init_state(ids.shape[0], max_len)
-                h, state = model(ids, state, lengths)                             # [B, T, D]
+                h, state = model(ids, state, lengths)                                        # [B, T, D]
                 last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]   # [B, D]
                 return model.logits(last), state
 
@@ -101,6 +117,7 @@ class Generator:
             graphdef = self.graphdef
 
             def logits(params, ids):
+                self._traced("logits")
                 model = nnx.merge(graphdef, params)
                 h, _ = model(ids, model.init_state(ids.shape[0], ids.shape[1]))
                 return model.logits(h)
@@ -109,12 +126,14 @@ class Generator:
         return self._cache[key]
 
     def forward_fn(self):
-        """(params, ids [B, T], state, lengths) -> (logits [B, T, V] fp32, state): any-length step."""
+        """(params, ids [B, T], state, lengths [B]) -> (logits [B, T, V] fp32, new state): append any number of
+        tokens per sequence (prefill, chunked prefill or one decode step)."""
         key = ("forward",)
         if key not in self._cache:
             graphdef = self.graphdef
 
             def forward(params, ids, state, lengths):
+                self._traced("forward")
                 model = nnx.merge(graphdef, params)
                 h, state = model(ids, state, lengths)
                 return model.logits(h), state
@@ -122,28 +141,32 @@ class Generator:
             self._cache[key] = jax.jit(forward, donate_argnums=(2,) if self._donate else ())
         return self._cache[key]
 
-    def decode_fn(self, max_new: int, sampling: Sampling, stop_ids: tuple[int, ...], pad_id: int,
-                  streaming: bool):
-        """The decode loop: (params, state, first_logits, key) -> (tokens [B, max_new], steps run).
+    def decode_fn(self, out_cap: int, static_sampling: tuple, streaming: bool):
+        """The decode loop (params, state, first_logits, rng, max_new, stops, pad, temperature, top_p) ->
+        (tokens [B, out_cap] (pad after a sequence stops), steps run).
 
-        With `streaming`, every step calls the host trampoline, which forwards to the current callback (so a new
-        callback does not recompile)."""
-        key = ("decode", max_new, sampling, stop_ids, pad_id, streaming)
+        One while_loop; its body (one decode step of the whole model + sampling) is compiled once. With
+        `streaming`, each step calls the host trampoline, which forwards to the current callback, so a new
+        callback does not recompile."""
+        key = ("decode", out_cap, static_sampling, streaming)
         if key in self._cache:
             return self._cache[key]
         graphdef = self.graphdef
-        stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+        greedy, top_k, use_top_p = static_sampling
 
         def emit(step, tok, done):
             if streaming:
                 jax.debug.callback(self._trampoline, step, tok, done, ordered=True)
 
-        def decode(params, state, first_logits, rng):
+        def decode(params, state, first_logits, rng, max_new, stops, pad, temperature, top_p):
+            self._traced("decode")
             model = nnx.merge(graphdef, params)
+            pick = functools.partial(sample, greedy=greedy, top_k=top_k, temperature=temperature,
+                                     top_p=top_p if use_top_p else None)
             b = first_logits.shape[0]
-            tok = sample(first_logits, jax.random.fold_in(rng, 0), sampling)
+            tok = pick(first_logits, jax.random.fold_in(rng, 0))
             done = jnp.isin(tok, stops)
-            out = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(tok)
+            out = jnp.full((b, out_cap), pad, jnp.int32).at[:, 0].set(tok)
             emit(0, tok, done)
 
             def cond(carry):
@@ -154,15 +177,14 @@ class Generator:
                 step, tok, state, out, done = carry
                 active = (~done).astype(jnp.int32)                       # finished sequences append nothing
                 h, state = model(tok[:, None], state, active)
-                logits = model.logits(h[:, 0])
-                nxt = sample(logits, jax.random.fold_in(rng, step), sampling)
-                nxt = jnp.where(done, pad_id, nxt)
+                nxt = pick(model.logits(h[:, 0]), jax.random.fold_in(rng, step))
+                nxt = jnp.where(done, pad, nxt)
                 out = out.at[:, step].set(nxt)
                 done = done | jnp.isin(nxt, stops)
                 emit(step, nxt, done)
                 return step + 1, nxt, state, out, done
 
-            step, _, state, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, state, out, done))
+            step, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, state, out, done))
             return out, step
 
         fn = jax.jit(decode, donate_argnums=(1,) if self._donate else ())
@@ -187,16 +209,20 @@ class Generator:
         if longest + max_new_tokens > max_context:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                              f"context of {max_context} tokens; ask for at most {max_context - longest} new tokens")
-        t_pad = min(_round_up(longest, BUCKET), max_context)
-        max_len = min(_round_up(longest + max_new_tokens, BUCKET), max_context)
+        t_pad = min(bucket(longest), max_context)
+        max_len = min(bucket(longest + max_new_tokens), max_context)
         ids = np.zeros((len(prompts), t_pad), np.int32)
         for b, p in enumerate(prompts):
             ids[b, :len(p)] = p
         logits, state = self.prefill_fn(max_len)(self.params, jnp.asarray(ids), jnp.asarray(lengths))
-        decode = self.decode_fn(max_new_tokens, sampling, stop_ids, pad_id, callback is not None)
+        decode = self.decode_fn(bucket(max_new_tokens), sampling.static, callback is not None)
+        stops = np.full((max(4, -(-len(stop_ids) // 4) * 4),), -1, np.int32)   # padded: no recompile per set
+        stops[:len(stop_ids)] = stop_ids
         self._callback = callback
         try:
-            out, steps = decode(self.params, state, logits, jax.random.key(seed))
+            out, steps = decode(self.params, state, logits, jax.random.key(seed), jnp.int32(max_new_tokens),
+                                jnp.asarray(stops), jnp.int32(pad_id), jnp.float32(sampling.temperature or 1.0),
+                                jnp.float32(sampling.top_p or 1.0))
             out = np.asarray(out)[:, : int(steps)]
             jax.effects_barrier()                      # every streamed token was delivered before we return
         finally:

@@ -34,7 +34,7 @@ TINY_CONFIGS: dict[str, ModelConfig] = {
     "variant": tiny(
         num_hidden_layers=3, compress_ratios=(8, 0, 4), mlp_layer_types=(HASH_MOE, "moe", "moe"),
         hidden_size=48, num_attention_heads=6, head_dim=24, qk_rope_head_dim=8, q_lora_rank=24, o_groups=3,
-        o_lora_rank=8, sliding_window=5, index_n_heads=3, index_head_dim=16, index_topk=3, n_routed_experts=6,
+        o_lora_rank=8, sliding_window=5, index_n_heads=16, index_head_dim=16, index_topk=3, n_routed_experts=6,
         num_experts_per_tok=3, moe_intermediate_size=24, hc_mult=2, hc_sinkhorn_iters=3,
         routed_scaling_factor=2.5, swiglu_limit=0.8, vocab_size=199, yarn=YarnConfig(8.0, 32, 16.0, 2.0),
         eos_token_ids=(3,), bos_token_id=2),

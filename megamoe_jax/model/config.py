@@ -207,12 +207,14 @@ def tiny(**overrides) -> ModelConfig:
     """A test-sized model with every layer type (SWA, CSA, HCA) and MLP type (hash, top-k), YaRN on.
 
     HCA uses m = 16 so that sequences of a few dozen tokens already complete several compressed entries; the
-    window (8) wraps and CSA produces more than `index_topk` (4) entries past 20 tokens.
+    window (8) wraps and CSA produces more than `index_topk` (4) entries past 20 tokens. 16 indexer heads keep
+    exact-zero indexer scores (all heads' relu(q.k) = 0, probability 2^-heads per entry) rare: such ties make the
+    top-k choice depend on the top-k implementation (torch vs XLA), not on the model.
     """
     base = dict(
         vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, head_dim=32,
         qk_rope_head_dim=16, q_lora_rank=32, o_groups=2, o_lora_rank=16, sliding_window=8,
-        compress_ratios=(0, 4, 16, 4), index_n_heads=2, index_head_dim=32, index_topk=4,
+        compress_ratios=(0, 4, 16, 4), index_n_heads=16, index_head_dim=32, index_topk=4,
         n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
         mlp_layer_types=(HASH_MOE, HASH_MOE, TOPK_MOE, TOPK_MOE), routed_scaling_factor=1.5,
         swiglu_limit=1.0, hc_sinkhorn_iters=20,

@@ -58,15 +58,15 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, ids: jax.Array, attn_state, start_pos: jax.Array, lengths: jax.Array):
         """x [B, T, n, D], ids [B, T] -> (x [B, T, n, D], new attn_state)."""
         residual = x
-        y, post, comb = mhc.hc_pre(x, self.hc_attn_fn.value, self.hc_attn_scale.value, self.hc_attn_base.value,
+        y, post, comb = mhc.hc_pre(x, self.hc_attn_fn.get_value(), self.hc_attn_scale.get_value(), self.hc_attn_base.get_value(),
                                    **self.hc)
-        y, attn_state = self.attn(rms_norm(y, self.attn_norm.value, self.eps), attn_state, start_pos, lengths)
+        y, attn_state = self.attn(rms_norm(y, self.attn_norm.get_value(), self.eps), attn_state, start_pos, lengths)
         x = mhc.hc_post(y, residual, post, comb)
 
         residual = x
-        y, post, comb = mhc.hc_pre(x, self.hc_ffn_fn.value, self.hc_ffn_scale.value, self.hc_ffn_base.value,
+        y, post, comb = mhc.hc_pre(x, self.hc_ffn_fn.get_value(), self.hc_ffn_scale.get_value(), self.hc_ffn_base.get_value(),
                                    **self.hc)
-        y = self.ffn(rms_norm(y, self.ffn_norm.value, self.eps), ids)
+        y = self.ffn(rms_norm(y, self.ffn_norm.get_value(), self.eps), ids)
         return mhc.hc_post(y, residual, post, comb), attn_state
 
 
@@ -109,19 +109,19 @@ class DeepseekV4(nnx.Module):
         ids = ids.astype(jnp.int32)
         lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
         start_pos = state.positions
-        x = jnp.take(self.embed.value, ids, axis=0).astype(self.dtype)              # [B, T, D]
+        x = jnp.take(self.embed.get_value(), ids, axis=0).astype(self.dtype)              # [B, T, D]
         x = jnp.broadcast_to(x[:, :, None, :], (b, t, self.config.hc_mult, x.shape[-1]))
         new_layers = []
         for blk, layer_state in zip(self.layers, state.layers):
             x, layer_state = blk(x, ids, layer_state, start_pos, lengths)
             new_layers.append(layer_state)
-        h = mhc.hc_head(x, self.hc_head_fn.value, self.hc_head_scale.value, self.hc_head_base.value,
+        h = mhc.hc_head(x, self.hc_head_fn.get_value(), self.hc_head_scale.get_value(), self.hc_head_base.get_value(),
                         rms_eps=self.config.rms_norm_eps, hc_eps=self.config.hc_eps)
-        h = rms_norm(h, self.norm.value, self.config.rms_norm_eps)
+        h = rms_norm(h, self.norm.get_value(), self.config.rms_norm_eps)
         return h, state.advance(tuple(new_layers), lengths)
 
     def logits(self, h: jax.Array) -> jax.Array:
         """h [..., D] -> fp32 logits [..., V]. Products of the compute-dtype h and head weight accumulate in fp32,
         which equals [R]'s fp32 head on bf16-rounded inputs."""
-        w = self.embed.value if self.head is None else self.head.value
+        w = self.embed.get_value() if self.head is None else self.head.get_value()
         return dispatch.linear(h, w, out_dtype=jnp.float32, name="head")

@@ -55,12 +55,12 @@ class Gate(nnx.Module):
     def __call__(self, x: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [T, D], ids [T] -> (weights [T, k] fp32, indices [T, k] int32)."""
         # bf16 x bf16 products with fp32 accumulation equal [R]'s linear(x.float(), weight.float()).
-        logits = dispatch.linear(x, self.weight.value, out_dtype=jnp.float32, name=self.name)   # [T, E]
+        logits = dispatch.linear(x, self.weight.get_value(), out_dtype=jnp.float32, name=self.name)   # [T, E]
         scores = score_fn(logits.astype(jnp.float32), self.scoring_func)
         if self.is_hash:
-            idx = jnp.take(self.tid2eid.value, ids, axis=0).astype(jnp.int32)                   # [T, k]
+            idx = jnp.take(self.tid2eid.get_value(), ids, axis=0).astype(jnp.int32)                   # [T, k]
         else:
-            _, idx = jax.lax.top_k(scores + self.bias.value.astype(jnp.float32), self.top_k)
+            _, idx = jax.lax.top_k(scores + self.bias.get_value().astype(jnp.float32), self.top_k)
         w = jnp.take_along_axis(scores, idx, axis=-1)
         if self.scoring_func != "softmax":
             # [R] renormalises for sigmoid/sqrtsoftplus only; transformers 5.23 always does (+1e-20).
@@ -81,7 +81,7 @@ class Experts(nnx.Module):
 
     def __call__(self, x: jax.Array, idx: jax.Array, weights: jax.Array) -> jax.Array:
         """x [T, D], idx/weights [T, k] -> [T, D] fp32."""
-        return dispatch.moe_experts(x, self.w1.value, self.w3.value, self.w2.value, idx, weights,
+        return dispatch.moe_experts(x, self.w1.get_value(), self.w3.get_value(), self.w2.get_value(), idx, weights,
                                     self.swiglu_limit, out_dtype=jnp.float32, name=self.name)
 
 
@@ -98,10 +98,10 @@ class SharedExpert(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [T, D] -> [T, D] fp32."""
-        g = dispatch.linear(x, self.w1.value, name=self.name + ".w1").astype(jnp.float32)
-        u = dispatch.linear(x, self.w3.value, name=self.name + ".w3").astype(jnp.float32)
+        g = dispatch.linear(x, self.w1.get_value(), name=self.name + ".w1").astype(jnp.float32)
+        u = dispatch.linear(x, self.w3.get_value(), name=self.name + ".w3").astype(jnp.float32)
         h = reference.swiglu(g, u, self.swiglu_limit).astype(x.dtype)
-        return dispatch.linear(h, self.w2.value, out_dtype=jnp.float32, name=self.name + ".w2")
+        return dispatch.linear(h, self.w2.get_value(), out_dtype=jnp.float32, name=self.name + ".w2")
 
 
 class MoE(nnx.Module):

@@ -93,6 +93,8 @@ def _convert(value, like: jax.ShapeDtypeStruct, name: str, where: str, put: Call
     if _is_quant(value):
         if not jnp.issubdtype(like.dtype, jnp.floating):
             raise CheckpointError(f"{where}: tensor {name!r} is quantized but the model expects {like.dtype}")
+        if isinstance(put, _BoundPlacer):
+            return put(value, None)
         return jax.tree.map(lambda a: put(jnp.asarray(a)), value)
     arr = np.asarray(value)
     if jnp.issubdtype(like.dtype, jnp.integer):
@@ -101,13 +103,40 @@ def _convert(value, like: jax.ShapeDtypeStruct, name: str, where: str, put: Call
     elif not (np.issubdtype(arr.dtype, np.floating) or arr.dtype == jnp.bfloat16):
         raise CheckpointError(f"{where}: tensor {name!r} has dtype {arr.dtype}, expected floating point "
                               "(or a quantized format known to megamoe_jax.checkpoint.formats)")
+    if isinstance(put, _BoundPlacer):
+        return put(arr, like.dtype)
     return put(jnp.asarray(arr).astype(like.dtype))
 
 
+class _BoundPlacer:
+    """`load_params(place=...)` for one Param: place(param_path, host_value, dtype) gets the checkpoint value still
+    on the host (numpy / memory map, or a quant tensor of them), so it can cut each device's shard itself."""
+
+    def __init__(self, place: Callable, path: str):
+        self.place, self.path = place, path
+
+    def __call__(self, value, dtype):
+        return self.place(self.path, value, dtype)
+
+
+class _Placer:
+    def __init__(self, place: Callable, paths: dict[int, str]):
+        self.place, self.paths = place, paths
+
+    def bind(self, var: nnx.Variable) -> _BoundPlacer:
+        return _BoundPlacer(self.place, self.paths[id(var)])
+
+
 def load_params(model: DeepseekV4, ckpt: CheckpointFiles, *, put: Callable = jax.device_put,
-                progress: bool = False) -> LoadReport:
-    """Fill every Param of `model` (usually `abstract_model(...)`) from `ckpt`, one layer at a time."""
+                place: Callable | None = None, progress: bool = False) -> LoadReport:
+    """Fill every Param of `model` (usually `abstract_model(...)`) from `ckpt`, one layer at a time.
+
+    `place(param_path, host_value, dtype)`, when given, replaces `put` (sharded loading, see
+    megamoe_jax.sharding.place_weight): it receives each value on the host with the Param's path, e.g.
+    "layers.3.attn.wq_b", and the dtype for plain weights (None for quantized ones)."""
     cfg = model.config
+    if place is not None:
+        put = _Placer(place, {id(v): p for p, v in _params(model)})    # bound to each Param in _fill
     by_canonical: dict[str, str] = {}
     skipped: list[str] = []
     for fname in formats.weight_names(ckpt):
@@ -172,7 +201,7 @@ def load_params(model: DeepseekV4, ckpt: CheckpointFiles, *, put: Callable = jax
                                       f".weight' ({len(missing)} of {n} experts of layers.{li} {proj} missing)")
             ws = [formats.read_weight(ckpt, by_canonical[per_expert[e]]) for e in range(n)]
             for e, w in enumerate(ws):
-                exp_shape = tuple(var.value.shape[1:])
+                exp_shape = tuple(var.get_value().shape[1:])
                 if _logical_shape(w) != exp_shape:
                     fname = by_canonical[per_expert[e]]
                     raise CheckpointError(f"{where(fname)}: tensor {fname!r} has shape {_logical_shape(w)}, the "
@@ -192,8 +221,10 @@ def load_params(model: DeepseekV4, ckpt: CheckpointFiles, *, put: Callable = jax
 def _fill(var: nnx.Variable, value, name: str, where: str, put, filled: set[int]) -> None:
     if id(var) in filled:
         raise CheckpointError(f"{where}: tensor {name!r} fills a parameter that was already loaded")
-    like = var.value
-    var.value = _convert(value, like, name, where, put)
+    like = var.get_value()
+    if isinstance(put, _Placer):
+        put = put.bind(var)
+    var.set_value(_convert(value, like, name, where, put))
     filled.add(id(var))
 
 
@@ -207,7 +238,7 @@ def _fill_w13(model, c, fname, ckpt, where, put, filled):
         raise CheckpointError(f"{where}: fused expert tensor {fname!r} is quantized; only plain fused experts "
                               "are supported (quantized experts come per expert)")
     w = np.asarray(w)
-    e, i, d = w1.value.shape
+    e, i, d = w1.get_value().shape
     if w.shape != (e, 2 * i, d):
         raise CheckpointError(f"{where}: tensor {fname!r} has shape {w.shape}, the model expects {(e, 2 * i, d)}")
     _fill(w1, w[:, :i], fname, where, put, filled)
