@@ -23,6 +23,11 @@ F32_INF_BITS = 0x7F800000
 
 
 def f32_bits(x: jnp.ndarray) -> jnp.ndarray:
+    """IEEE f32 bit pattern of x (f32, bf16 or f16). bf16 is widened with a shift, never through float
+    arithmetic, so subnormals survive XLA's CPU denormal flushing."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bfloat16:
+        return _shl(lax.bitcast_convert_type(x, jnp.uint16).astype(_U32), 16)
     return lax.bitcast_convert_type(x.astype(jnp.float32), _U32)
 
 
@@ -72,12 +77,13 @@ def div_rn(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     lt = ma < mb
     ma = jnp.where(lt, _shl(ma, 1), ma)               # quotient ma/mb now in [1, 2)
     e = ea - eb - lt.astype(_I32)                      # a/b = (ma/mb) * 2^e
-    r = ma
-    q = jnp.zeros_like(ma)
-    for _ in range(26):                                # q = floor(ma * 2^25 / mb), 26 bits
+    def step(_, qr):                                   # q = floor(ma * 2^25 / mb), 26 bits
+        q, r = qr
         ge = r >= mb
-        q = _shl(q, 1) | ge.astype(_U32)
-        r = _shl(jnp.where(ge, r - mb, r), 1)
+        return _shl(q, 1) | ge.astype(_U32), _shl(jnp.where(ge, r - mb, r), 1)
+
+    # A loop, not unrolled: keeps the XLA graph (and its compile time) small.
+    q, r = lax.fori_loop(0, 26, step, (jnp.zeros_like(ma), ma))
     sticky = r != 0
     # value = q * 2^(e-25); keep 24 bits (normal) or fewer (subnormal result)
     drop = 2 + jnp.clip(-126 - e, 0, 25)
@@ -89,7 +95,29 @@ def div_rn(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     base = jnp.where(e >= -126, _shl((jnp.maximum(e, -126) + 126).astype(_U32), 23), _u(0))
     bits = base + kept                                 # kept's hidden bit lifts the exponent field by one
     bits = jnp.where(e > 128, _u(F32_INF_BITS), jnp.minimum(bits, _u(F32_INF_BITS)))
-    return jnp.where(a == 0, jnp.float32(0), bits_f32(bits))
+    a_zero = (f32_bits(a) & _u(0x7FFFFFFF)) == 0        # on bits: XLA-CPU would call a subnormal a zero
+    return jnp.where(a_zero, jnp.float32(0), bits_f32(bits))
+
+
+def is_pos_finite(x: jnp.ndarray) -> jnp.ndarray:
+    """x > 0 and finite, decided on the bit pattern (subnormals count as positive on every backend)."""
+    b = f32_bits(x)
+    return (b > 0) & (b < _u(F32_INF_BITS))
+
+
+def mul_nonneg(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """a * b for finite a >= 0 (normal) and b >= 0, correctly rounded even when b is subnormal.
+
+    XLA's CPU runtime flushes subnormal inputs to zero (DAZ) while the GPU does not; scaling b up by 2^64
+    with integer ops (and a down by 2^-64, exact for a >= 2^-62) makes both compute the IEEE product.
+    Results below 2^-126 may still flush; callers only use such results as "rounds to zero".
+    """
+    a = jnp.asarray(a, jnp.float32)
+    b = jnp.asarray(b, jnp.float32)
+    sig, e = unpack_f32(b)
+    small = (e < -100) & ((f32_bits(b) & _u(0x7FFFFFFF)) != 0)
+    b_up = bits_f32(_shl((jnp.maximum(e, -149) + 64 + 127).astype(_U32), 23) | (sig & _u(0x7FFFFF)))
+    return jnp.where(small, (a * jnp.float32(2.0 ** -64)) * b_up, a * b)
 
 
 def round_to_bf16(x: jnp.ndarray) -> jnp.ndarray:

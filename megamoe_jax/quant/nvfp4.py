@@ -39,6 +39,7 @@ K must be a multiple of 16 (no padding), as in compressed-tensors and vLLM.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -46,8 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from megamoe_jax.quant import e2m1
-from megamoe_jax.quant.floatbits import (ceil_to_f32, div_rn, e4m3_decode, round_to_bf16, round_to_e4m3,
-                                         unpack_f32)
+from megamoe_jax.quant.floatbits import (F32_INF_BITS, bits_f32, ceil_to_f32, div_rn, e4m3_decode, f32_bits,
+                                         is_pos_finite, mul_nonneg, round_to_bf16, round_to_e4m3, unpack_f32)
 
 BLOCK = 16
 E4M3_MAX = 448.0
@@ -207,7 +208,7 @@ def _multiplier_from_g(g: jax.Array) -> jax.Array:
     """G = fl32(1/g), exactly. An invalid g (only possible under jit, where values are not checked) maps to
     G = 1, the same safe fallback compressed-tensors uses for uncalibrated scales: never NaN."""
     g = jnp.asarray(g, jnp.float32)
-    ok = jnp.isfinite(g) & (g > 0)
+    ok = is_pos_finite(g)
     G = div_rn(jnp.ones_like(g), jnp.where(ok, g, jnp.float32(1)))
     return jnp.where(ok & jnp.isfinite(G), G, jnp.float32(1.0))
 
@@ -220,6 +221,7 @@ def _multiplier_from_g(g: jax.Array) -> jax.Array:
 _T_PARTS = ((1, 0, -2), (3, 1, -1), (5, 2, 0), (7, 2, 0), (5, 2, 1), (7, 2, 1), (5, 2, 2))
 
 
+@jax.jit
 def code_thresholds(multiplier: jax.Array) -> jax.Array:
     """Exact per-scale-byte code thresholds for the multiplier G: f32 [..., 128, 8].
 
@@ -261,31 +263,41 @@ def _check_input(x, what="quantize"):
     return x
 
 
-def block_scale_bytes(xb: jax.Array, multiplier: jax.Array, in_dtype) -> jax.Array:
-    """E4M3 block-scale bytes (uint8) for blocks xb [..., nb, 16] (f32 values) and G broadcastable to [..., nb]."""
-    nan = jnp.any(jnp.isnan(xb), axis=-1)
-    vmax = jnp.max(jnp.where(jnp.isnan(xb), 0, jnp.abs(xb)), axis=-1)          # may be +Inf
-    finite = jnp.isfinite(vmax)
-    r = div_rn(jnp.where(finite, vmax, 0), jnp.float32(FP4_MAX))
+def block_scale_bytes(mag: jax.Array, multiplier: jax.Array, in_dtype) -> jax.Array:
+    """E4M3 block-scale bytes (uint8) for blocks given as |x| bit patterns mag uint32 [..., nb, 16], with G
+    broadcastable to [..., nb]. Working on bit patterns keeps subnormal inputs exact on every backend."""
+    nan_el = mag > F32_INF_BITS
+    nan = jnp.any(nan_el, axis=-1)
+    vmax_bits = jnp.max(jnp.where(nan_el, jnp.uint32(0), mag), axis=-1)         # may be +Inf
+    finite = vmax_bits < F32_INF_BITS
+    vmax = bits_f32(jnp.where(finite, vmax_bits, jnp.uint32(0)))
+    r = div_rn(vmax, jnp.float32(FP4_MAX))
     if jnp.dtype(in_dtype) == jnp.bfloat16:
         r = round_to_bf16(r)                            # compressed-tensors divides in the input dtype
-    s = jnp.minimum(jnp.asarray(multiplier, jnp.float32) * r, jnp.float32(E4M3_MAX))
+    s = jnp.minimum(mul_nonneg(jnp.asarray(multiplier, jnp.float32), r), jnp.float32(E4M3_MAX))
     s = jnp.where(finite, s, jnp.float32(E4M3_MAX))
     _, byte = round_to_e4m3(s)
     byte = jnp.where(byte == 0, jnp.uint8(CT_ZERO_SCALE_BYTE), byte)
     return jnp.where(nan, jnp.uint8(NAN_SCALE_BYTE), byte)
 
 
-def encode_blocks(xb: jax.Array, byte: jax.Array, table: jax.Array, table_index: jax.Array) -> jax.Array:
-    """E2M1 codes (uint8) for blocks xb [..., nb, 16] with scale bytes [..., nb], using rows
-    table[table_index * 128 + byte] of the flattened `code_thresholds` table."""
-    th = table.reshape(-1, 8)[table_index * 128 + byte.astype(jnp.int32)]       # [..., nb, 8]
-    a = jnp.abs(xb)
-    mag = e2m1.magnitude_code(a, [th[..., None, i] for i in range(7)])
-    neg = (xb < 0) & (a >= th[..., None, 7])
-    return mag | (neg.astype(jnp.uint8) << 3)
+def encode_blocks(xbits: jax.Array, byte: jax.Array, table: jax.Array, table_index: jax.Array) -> jax.Array:
+    """E2M1 codes (uint8) for blocks of f32 bit patterns xbits uint32 [..., nb, 16] with scale bytes [..., nb],
+    using rows table[table_index * 128 + byte] of the flattened `code_thresholds` table.
+
+    Compares are done on bit patterns (monotone for non-negative floats), so denormal flushing cannot change
+    them. A NaN element gets code 0 (its block's scale is NaN)."""
+    th = f32_bits(table).reshape(-1, 8)
+    th = jnp.where(th > F32_INF_BITS, jnp.uint32(0xFFFFFFFF), th)              # NaN rows: unreachable
+    th = th[table_index * 128 + byte.astype(jnp.int32)]                         # [..., nb, 8]
+    mag = xbits & jnp.uint32(0x7FFFFFFF)
+    mag = jnp.where(mag > F32_INF_BITS, jnp.uint32(0), mag)
+    code = e2m1.magnitude_code(mag, [th[..., None, i] for i in range(7)])
+    neg = ((xbits >> 31) == 1) & (mag >= th[..., None, 7]) & (mag > 0)
+    return code | (neg.astype(jnp.uint8) << 3)
 
 
+@jax.jit
 def quantize_with_multiplier(x: jax.Array, multiplier: jax.Array):
     """Core: x [..., K] and G (shape () or x.ndim-1 dims, broadcast per row) -> (packed uint8 [..., K/2],
     scale bytes uint8 [..., K/16]). No validation of G's value."""
@@ -294,11 +306,11 @@ def quantize_with_multiplier(x: jax.Array, multiplier: jax.Array):
     G = jnp.asarray(multiplier, jnp.float32)
     if G.ndim == 0:
         G = G.reshape((1,) * len(rows))
-    xb = x.astype(jnp.float32).reshape(rows + (x.shape[-1] // BLOCK, BLOCK))    # [..., nb, 16]
-    byte = block_scale_bytes(xb, G[..., None], x.dtype)                          # [..., nb]
+    xbits = f32_bits(x).reshape(rows + (x.shape[-1] // BLOCK, BLOCK))            # [..., nb, 16]
+    byte = block_scale_bytes(xbits & jnp.uint32(0x7FFFFFFF), G[..., None], x.dtype)   # [..., nb]
     table = code_thresholds(G)                                                   # [*G.shape, 128, 8]
     gidx = jnp.broadcast_to(jnp.arange(G.size, dtype=jnp.int32).reshape(G.shape), rows)[..., None]
-    codes = encode_blocks(xb, byte, table, gidx)                                 # [..., nb, 16]
+    codes = encode_blocks(xbits, byte, table, gidx)                              # [..., nb, 16]
     return e2m1.pack(codes.reshape(x.shape)), byte
 
 
@@ -307,26 +319,42 @@ def _finite_amax(x, axes):
     return jnp.max(jnp.where(jnp.isfinite(a), a, 0), axis=axes, keepdims=True)
 
 
+@functools.partial(jax.jit, static_argnames="batch_dims")
+def _global_from_data(x, batch_dims):
+    """(G, g) from the finite amax of each slice of the first `batch_dims` axes; shapes () or [*batch, 1..]."""
+    amax = _finite_amax(x, tuple(range(batch_dims, x.ndim)))[..., 0]           # [*batch, 1, ..., 1]
+    if batch_dims == 0:
+        amax = amax.reshape(())
+    G = multiplier_from_amax(amax, jnp.bfloat16 if x.dtype == jnp.bfloat16 else jnp.float32)
+    return G, div_rn(jnp.ones_like(G), G)
+
+
 def quantize(x: jax.Array, global_scale: jax.Array | None = None, *, batch_dims: int = 0,
-             input_scale: jax.Array | None = None) -> NVFP4Tensor:
+             input_scale: jax.Array | None = None, multiplier: jax.Array | None = None) -> NVFP4Tensor:
     """Quantize x [..., K] (float32/bfloat16/float16, K % 16 == 0) to NVFP4, bit-exact to compressed-tensors.
 
     global_scale: the dequant factor g (shape () or x.ndim-1 dims each 1 or equal); None computes it from the
     data as compressed-tensors does (see module docstring), one scale per slice of the first `batch_dims`
     axes (batch_dims=1 on stacked experts [E, N, K] gives a per-expert scale of shape [E, 1]).
     input_scale: optional activation dequant factor, stored on the result (W4A4).
+    multiplier: instead of global_scale, compressed-tensors' multiplier G itself (e.g. a checkpoint's
+    `input_global_scale`), used exactly; g = fl32(1/G) is stored. A given g is turned into G = fl32(1/g), and
+    that reciprocal does not always give back a G that g came from (fl32(1/fl32(1/448)) = 447.99997), so
+    pass the multiplier when bit-exactness with compressed-tensors/vLLM for a stored G matters.
     """
     x = _check_input(x)
-    if global_scale is None:
+    if multiplier is not None:
+        if global_scale is not None:
+            raise ValueError("quantize: pass either global_scale (dequant factor g) or multiplier (G), not both")
+        G = jnp.asarray(multiplier, jnp.float32)
+        _check_scale_shape(tuple(G.shape), tuple(x.shape[:-1]), "multiplier")
+        check_scale_values(G, "quantize: multiplier")
+        g = div_rn(jnp.ones_like(G), G)
+    elif global_scale is None:
         if not 0 <= batch_dims < x.ndim:
             raise ValueError(f"quantize: batch_dims={batch_dims} must be in [0, {x.ndim - 1}] for shape "
                              f"{tuple(x.shape)}")
-        axes = tuple(range(batch_dims, x.ndim))
-        amax = _finite_amax(x, axes)[..., 0]                                     # [*batch, 1, ..., 1]
-        if batch_dims == 0:
-            amax = amax.reshape(())
-        G = multiplier_from_amax(amax, jnp.bfloat16 if x.dtype == jnp.bfloat16 else jnp.float32)
-        g = div_rn(jnp.ones_like(G), G)
+        G, g = _global_from_data(x, batch_dims)
     else:
         g = jnp.asarray(global_scale, jnp.float32)
         _check_scale_shape(tuple(g.shape), tuple(x.shape[:-1]), "global_scale")
@@ -355,6 +383,7 @@ def block_scale_f32(t: NVFP4Tensor) -> jax.Array:
     return e4m3_decode(jax.lax.bitcast_convert_type(t.block_scale, jnp.uint8))
 
 
+@functools.partial(jax.jit, static_argnames="dtype")
 def dequantize(t: NVFP4Tensor, dtype=jnp.float32) -> jax.Array:
     """x_hat = e2m1(code) * block_scale * g: the first product is exact, one f32 rounding for g, then `dtype`."""
     codes = e2m1.unpack(t.packed)                                                # [..., K]
@@ -366,6 +395,7 @@ def dequantize(t: NVFP4Tensor, dtype=jnp.float32) -> jax.Array:
     return (vals * g).reshape(vals.shape[:-2] + (k,)).astype(dtype)
 
 
+@jax.jit
 def fake_quantize(x: jax.Array, global_scale: jax.Array) -> jax.Array:
     """Quantize-dequantize x [..., K] to NVFP4 with dequant factor g (broadcast per row); f32 result."""
     g = jnp.asarray(global_scale, jnp.float32)
