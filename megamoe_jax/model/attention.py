@@ -164,7 +164,7 @@ class Attention(nnx.Module):
             entries = comp_state.entries                                                # [B, S, hd]
             if entries.shape[1] > 0:
                 if self.indexer is not None:
-                    comp_keys = jnp.take_along_axis(entries[:, None], idx[..., None], axis=2)   # [B, T, k, hd]
+                    comp_keys = entries[jnp.arange(b)[:, None, None], idx]                      # [B, T, k, hd]
                     comp_mask = selected                                                         # [B, T, k]
                 else:
                     comp_keys = entries
