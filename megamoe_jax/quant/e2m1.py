@@ -9,6 +9,7 @@ on GPU inside jit (see floatbits.py), and comparisons against exact thresholds a
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -24,6 +25,7 @@ THRESHOLDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 STRICT = (True, False, True, False, True, False, True)
 
 
+@jax.jit
 def e2m1_decode(codes: jnp.ndarray) -> jnp.ndarray:
     """uint8 codes (low 4 bits used) -> float32 values; 0x8 decodes to -0.0."""
     return jnp.asarray(E2M1_VALUES)[jnp.asarray(codes).astype(jnp.int32) & 0xF]
@@ -40,6 +42,7 @@ def magnitude_code(a: jnp.ndarray, thresholds) -> jnp.ndarray:
     return code
 
 
+@jax.jit
 def e2m1_encode(y: jnp.ndarray) -> jnp.ndarray:
     """Round already-scaled values to E2M1 codes (uint8 0..15): nearest, ties to even, saturating at +-6.
 
@@ -55,6 +58,7 @@ def e2m1_encode(y: jnp.ndarray) -> jnp.ndarray:
     return code | (sign.astype(jnp.uint8) << 3)
 
 
+@jax.jit
 def pack(codes: jnp.ndarray) -> jnp.ndarray:
     """uint8 codes [..., K] (K even) -> packed bytes [..., K/2], element 2j in the low nibble."""
     codes = jnp.asarray(codes)
@@ -65,6 +69,7 @@ def pack(codes: jnp.ndarray) -> jnp.ndarray:
     return c[..., 0] | (c[..., 1] << jnp.uint8(4))
 
 
+@jax.jit
 def unpack(packed: jnp.ndarray) -> jnp.ndarray:
     """packed bytes [..., K/2] -> uint8 codes [..., K] (low nibble first)."""
     p = jnp.asarray(packed)

@@ -14,6 +14,7 @@ excess precision. Inputs are float32; all functions are elementwise, jit- and vm
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -63,6 +64,7 @@ def unpack_f32(x: jnp.ndarray):
     return sig, exp
 
 
+@jax.jit
 def div_rn(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     """Correctly rounded (round-to-nearest-even) f32 division a / b for a >= 0 finite, b > 0 finite.
 
@@ -105,6 +107,7 @@ def is_pos_finite(x: jnp.ndarray) -> jnp.ndarray:
     return (b > 0) & (b < _u(F32_INF_BITS))
 
 
+@jax.jit
 def mul_nonneg(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     """a * b for finite a >= 0 (normal) and b >= 0, correctly rounded even when b is subnormal.
 
@@ -120,6 +123,7 @@ def mul_nonneg(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(small, (a * jnp.float32(2.0 ** -64)) * b_up, a * b)
 
 
+@jax.jit
 def round_to_bf16(x: jnp.ndarray) -> jnp.ndarray:
     """Round f32 to the nearest bfloat16 value (ties to even), returned as f32. Finite or Inf inputs; NaN stays NaN."""
     bits = f32_bits(x)
@@ -128,6 +132,7 @@ def round_to_bf16(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(jnp.isnan(x), x.astype(jnp.float32), bits_f32(rounded))
 
 
+@jax.jit
 def round_to_e4m3(x: jnp.ndarray):
     """Round f32 in [0, 448] to float8_e4m3fn with ties to even. Returns (value f32, byte uint8).
 
@@ -163,6 +168,7 @@ def pow2(e: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(e >= -126, normal, sub)
 
 
+@jax.jit
 def e4m3_decode(byte: jnp.ndarray) -> jnp.ndarray:
     """float8_e4m3fn bytes (uint8) -> f32, exactly; 0x7F/0xFF -> NaN, 0x80 -> -0.0."""
     b = jnp.asarray(byte).astype(_I32)
@@ -174,6 +180,7 @@ def e4m3_decode(byte: jnp.ndarray) -> jnp.ndarray:
     return jnp.where((b & 0x80) != 0, -mag, mag)
 
 
+@jax.jit
 def ceil_to_f32(hi, shift, lo, exp, strict):
     """Smallest f32 above an exact dyadic value (strict) or at/above it (not strict).
 
