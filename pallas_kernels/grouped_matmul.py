@@ -1,0 +1,513 @@
+"""Block-scaled grouped (ragged) matmul with NVFP4 weights for Hopper (Mosaic GPU, sm90).
+
+    out[r, n] = sum_k x[r, k] * W[g(r)][n, k]        rows r sorted by group g(r), as `lax.ragged_dot`
+
+W is NVFP4 [E, N, K] as stored in checkpoints: packed e2m1 codes uint8 [E, N, K/2] (K contiguous), E4M3 block
+scales [E, N, K/16] and an fp32 global scale. The kernel streams the 4.5-bit weights of the groups that have
+rows, decodes them in registers (`nvfp4_decode`), and feeds them to bf16 wgmma; products are exact, sums fp32, the
+global scale (and, in W4A4 mode, the activation's global scale) is applied to the fp32 accumulator. No
+dequantized weight is ever written to HBM.
+
+Structure (per CTA, persistent over the SMs; tokamax's sm90 quantized kernel has the same shape):
+- two compute warpgroups, each owning 64 weight rows of the CTA's 128-row N tile: decode W into the wgmma
+  register operand A ("swap AB": the weight is the M side, tokens are the N side, so a group with 3 rows costs
+  an M=64 x N=tile_m wgmma, not a 64-row tile), accumulate [64, tile_m] in fp32;
+- one memory warpgroup: warp 0 streams W and its scales, warp 1 the activation rows of the group (a power-of-two
+  number of rows, so small groups read little), warp 2 stores the transposed result rows with TMA.
+- The work list (group, rows) is computed in XLA from `group_sizes` before the launch, compacted so that only
+  groups with rows are visited; rows past sum(group_sizes) get explicit zero items.
+
+Two epilogues share the body: "linear" (out = acc * row_scale) and "swiglu" (two weights, W1 and W3, in the
+same CTA: out = silu(min(g, L)) * clip(u, -L, L) * route_weight[row]); the latter is used by `fused_moe`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import nvfp4_decode
+
+_COMPUTE_WGS = 2
+_WG_ROWS = 64                       # weight rows per compute warpgroup (wgmma M)
+_CTA_ROWS = _COMPUTE_WGS * _WG_ROWS
+_TILE_K = 256                       # 128 B of packed codes and 16 B of scales per row per step (TMA minimum)
+_WGMMA = plgpu.Layout.WGMMA
+_WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
+_WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Frozen tuning of the kernel (chosen by `default_config` from the problem size; see RESULTS.md).
+
+    tile_m: activation rows per work item (wgmma N, multiple of 8, power of two).
+    num_stages: depth of the TMA pipeline over K (each stage: 128 x 256 weights and tile_m x 256 activations).
+    decode: "subnormal" or "select" (see nvfp4_decode).
+    """
+    tile_m: int = 64
+    num_stages: int = 4
+    decode: str = "subnormal"
+
+    def __post_init__(self):
+        if self.tile_m < 8 or self.tile_m > 256 or self.tile_m & (self.tile_m - 1):
+            raise ValueError(f"tile_m must be a power of two in [8, 256], got {self.tile_m}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+        if self.decode not in nvfp4_decode.VARIANTS:
+            raise ValueError(f"decode must be one of {sorted(nvfp4_decode.VARIANTS)}, got {self.decode!r}")
+
+
+def default_config(m: int, num_groups: int, num_weights: int = 1) -> Config:
+    """Decode-sized problems (few rows per group) get small row tiles and deep pipelines; prefill gets 128 rows."""
+    rows_per_group = m / max(1, min(num_groups, m))
+    if m <= 16 * num_groups and rows_per_group <= 16:
+        cfg = Config(tile_m=16, num_stages=6)
+    elif rows_per_group <= 48:
+        cfg = Config(tile_m=32, num_stages=5)
+    elif rows_per_group <= 96:
+        cfg = Config(tile_m=64, num_stages=3)
+    else:
+        cfg = Config(tile_m=128, num_stages=2)
+    if num_weights == 2:   # two weight tiles per stage: halve the depth, keep SMEM under 227 KB
+        cfg = dataclasses.replace(cfg, num_stages=max(2, cfg.num_stages // 2 + (cfg.tile_m <= 32)),
+                                  tile_m=min(cfg.tile_m, 64))
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Work list (XLA, before the launch)
+
+def max_items(m: int, num_groups: int, tile_m: int) -> int:
+    """Upper bound on work items: row tiles + one extra (misaligned) tile per non-empty segment (groups + tail)."""
+    return pl.cdiv(m, tile_m) + min(num_groups, m) + 1
+
+
+def build_work_list(group_sizes: jax.Array, m: int, tile_m: int):
+    """Work items covering every row of x once, as int32 [4, I] (group, load_start, offset, size) and count [1].
+
+    Item i computes rows [load_start + offset, load_start + offset + size) of group `group` (-1: rows past the
+    sum of the group sizes, written as zeros). Tiles are aligned to 8 rows (TMA tiles of the activation are
+    8 rows high), so a group's first tile starts at floor8(start) and `offset` < 8; offset + size <= tile_m.
+    The kernel reads the activation window [load_start, load_start + p) for the smallest power of two
+    p >= offset + size (at least 8). Items with rows come first; the rest have group -1 and size 0.
+    """
+    e = group_sizes.shape[0]
+    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+    ends = jnp.minimum(jnp.cumsum(sizes), m)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    total = ends[-1]
+    # Segments 0..E-1 are the groups, segment E is the zero tail [total, m).
+    seg_start = jnp.concatenate([starts, total[None]])
+    seg_end = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])
+    seg_a0 = seg_start // 8 * 8
+    seg_tiles = jnp.where(seg_end > seg_start, (seg_end - seg_a0 + tile_m - 1) // tile_m, 0)
+    seg_last = jnp.cumsum(seg_tiles)
+    seg_first = seg_last - seg_tiles
+    count = seg_last[-1]
+    n = max_items(m, e, tile_m)
+    idx = jnp.arange(n, dtype=jnp.int32)
+    seg = jnp.minimum(jnp.searchsorted(seg_last, idx, side="right").astype(jnp.int32), e)
+    load_start = seg_a0[seg] + (idx - seg_first[seg]) * tile_m
+    lo = jnp.maximum(load_start, seg_start[seg])
+    hi = jnp.minimum(load_start + tile_m, seg_end[seg])
+    valid = idx < count
+    items = jnp.stack([jnp.where(valid & (seg < e), seg, -1),
+                       jnp.where(valid, load_start, 0),
+                       jnp.where(valid, lo - load_start, 0),
+                       jnp.where(valid, jnp.maximum(hi - lo, 0), 0)]).astype(jnp.int32)
+    return items, count.astype(jnp.int32)[None]
+
+
+def _pow2_at_least(size):
+    """Smallest power of two >= size, at least 8 (elementwise on int32)."""
+    s = jnp.maximum(size, 8) - 1
+    bits = 32 - lax.clz(s)
+    return (1 << bits).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The kernel
+
+@dataclasses.dataclass(frozen=True)
+class _Dims:
+    m: int          # activation rows (the work list covers exactly these)
+    k: int
+    n: int          # output columns per weight
+    e: int
+    num_weights: int
+    row_scale_per_row: bool
+    out_dtype: jnp.dtype
+
+
+def _tiled(shape, dtype, swizzle=128):
+    bits = jnp.dtype(dtype).itemsize * 8 if jnp.dtype(dtype) != jnp.dtype(jnp.int4) else 4
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle * 8 // bits)),
+                                                plgpu.SwizzleTransform(swizzle)))
+
+
+def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float | None, interpret: bool):
+    tm, tk, stages = cfg.tile_m, _TILE_K, cfg.num_stages
+    nw = dims.num_weights
+    variant = nvfp4_decode.VARIANTS[cfg.decode]
+    k_iters = dims.k // tk
+    stages = min(stages, k_iters)       # every slot is used by every item (barrier phase bookkeeping relies on it)
+    n_tiles = dims.n // _CTA_ROWS
+    n_items = max_items(dims.m, dims.e, tm)
+    epi_fold = variant.epilogue_fold
+    limit = float(swiglu_limit) if (swiglu_limit is not None and swiglu_limit > 0) else None
+
+    def kernel(items_gmem, count_gmem, x_gmem, *refs):
+        w_gmems = refs[0:nw]
+        s_gmems = refs[nw:2 * nw]
+        rs_gmems = refs[2 * nw:3 * nw]
+        rest = refs[3 * nw:]
+        if epilogue == "swiglu":
+            rw_gmem, o_gmem, scratch = rest[0], rest[1], rest[2:]
+        else:
+            rw_gmem, o_gmem, scratch = None, rest[0], rest[1:]
+        (x_smem, w_smem, s_smem, st_smem, o_smem, x_bar, w_bar, o_bar, x_free, w_free, o_free, *a_smem) = scratch
+        if interpret:
+            w_u8 = w_i4 = w_smem
+        else:
+            w_u8, w_i4 = w_smem
+        num_valid = count_gmem[0]
+
+        def item_body(loop_info: plgpu.NDLoopInfo, carry):
+            carry_all, carry_mm = carry
+            (lin,) = loop_info.index
+            item = lin // n_tiles
+            ni = lin % n_tiles
+            valid = item < num_valid
+            gi = items_gmem[0, item]
+            load_start = pl.multiple_of(items_gmem[1, item], 8)
+            offset = items_gmem[2, item]
+            size = items_gmem[3, item]
+            has_mm = valid & (gi >= 0)
+            g = jnp.maximum(gi, 0)
+            wg = lax.axis_index("wg")
+
+            @pl.when(valid & (wg < _COMPUTE_WGS))
+            def _compute_wg():
+                plgpu.set_max_registers(232, action="increase")
+                wg_rows = pl.ds(wg * _WG_ROWS, _WG_ROWS)
+
+                def acc_scope(*accs):
+                    @pl.when(has_mm)
+                    def _():
+                        @pl.loop(0, k_iters)
+                        def _k_loop(ki):
+                            si = lax.rem(ki, stages)
+                            plgpu.barrier_wait(w_bar.at[si])
+                            a_ops = []
+                            for j in range(nw):
+                                slot = j * _COMPUTE_WGS + wg      # this warpgroup's 64 rows of weight j
+                                a_ops.append(_decode_operand(w_u8.at[si, slot], w_i4.at[si, slot],
+                                                             s_smem.at[si, slot], st_smem.at[wg, j],
+                                                             variant, interpret))
+                            plgpu.barrier_arrive(w_free.at[si])
+                            plgpu.barrier_wait(x_bar.at[si])
+                            for j in range(nw):
+                                if interpret:   # the interpreter's wgmma takes its A operand from SMEM only
+                                    a_smem[0].at[wg, j][...] = a_ops[j]
+                                    a_ops[j] = a_smem[0].at[wg, j]
+                                plgpu.wgmma(accs[j], a_ops[j], x_smem.at[si].T)
+                            plgpu.wgmma_wait(0)
+                            plgpu.barrier_arrive(x_free.at[si])
+                    return tuple(a[...] for a in accs)
+
+                accs = pl.run_scoped(acc_scope, *[plgpu.ACC((_WG_ROWS, tm))] * nw)
+                n0 = ni * _CTA_ROWS + wg * _WG_ROWS
+                scaled = []
+                for j in range(nw):
+                    scaled.append(accs[j] * _row_scale(rs_gmems[j], g, n0, tm, dims, epi_fold, interpret))
+                if epilogue == "swiglu":
+                    out = _swiglu(scaled[0], scaled[1], limit)
+                    rw = _load_col_vector(rw_gmem, load_start, tm, interpret)
+                    out = out * lax.broadcast_in_dim(rw, (_WG_ROWS, tm), [1])
+                else:
+                    out = scaled[0]
+                # Zero-tail items ran no wgmma: the accumulator is still zero, and so is `out`.
+                pl.when(carry_all > 0)(lambda: plgpu.barrier_wait(o_free))
+                o_smem.at[wg].T[...] = plgpu.layout_cast(out.astype(dims.out_dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(o_bar)
+
+            @pl.when(valid & (wg == _COMPUTE_WGS))
+            def _memory_wg():
+                plgpu.set_max_registers(40, action="decrease")
+
+                @plgpu.warp_map
+                def _warps(warp_id):
+                    @pl.when((warp_id == 0) & has_mm)
+                    def _w_loader():
+
+                        @pl.loop(0, k_iters)
+                        def _(ki):
+                            si = lax.rem(ki, stages)
+                            pl.when((ki >= stages) | (carry_mm > 0))(lambda: plgpu.barrier_wait(w_free.at[si]))
+                            for j in range(nw):
+                                for h in range(_COMPUTE_WGS):
+                                    src_rows = pl.ds(ni * _CTA_ROWS + h * _WG_ROWS, _WG_ROWS)
+                                    slot = j * _COMPUTE_WGS + h
+                                    plgpu.copy_gmem_to_smem(
+                                        w_gmems[j].at[g, src_rows, pl.ds(ki * (tk // 2), tk // 2)],
+                                        w_u8.at[si, slot], w_bar.at[si])
+                                    plgpu.copy_gmem_to_smem(
+                                        s_gmems[j].at[g, src_rows, pl.ds(ki * (tk // 16), tk // 16)],
+                                        s_smem.at[si, slot], w_bar.at[si])
+
+                    @pl.when((warp_id == 1) & has_mm)
+                    def _x_loader():
+                        need = offset + size
+
+                        @pl.loop(0, k_iters)
+                        def _(ki):
+                            si = lax.rem(ki, stages)
+                            pl.when((ki >= stages) | (carry_mm > 0))(lambda: plgpu.barrier_wait(x_free.at[si]))
+                            ks = pl.ds(ki * tk, tk)
+
+                            def copy(p):
+                                return lambda: plgpu.copy_gmem_to_smem(
+                                    x_gmem.at[pl.ds(load_start, p), ks], x_smem.at[si, pl.ds(0, p)], x_bar.at[si])
+
+                            def ladder(p):
+                                if p >= tm:
+                                    return copy(tm)()
+                                return lax.cond(need <= p, copy(p), lambda: ladder(2 * p))
+                            ladder(min(8, tm))
+
+                    @pl.when(warp_id == 2)
+                    def _storer():
+                        plgpu.barrier_wait(o_bar)
+                        _ragged_store(o_smem, o_gmem, load_start, offset, size, ni, tm, dims.m)
+                        plgpu.barrier_arrive(o_free)
+
+            return carry_all + valid.astype(jnp.int32), carry_mm + has_mm.astype(jnp.int32)
+
+        n_all, n_mm = plgpu.nd_loop((n_items * n_tiles,), collective_axes="sm",
+                                    init_carry=(jnp.int32(0), jnp.int32(0)))(item_body)
+
+        # Observe the last completion of every "free" barrier, so that each thread has waited on every phase
+        # (the interpreter checks this; on the GPU it also orders the exit after the last stores).
+        wg = lax.axis_index("wg")
+
+        @pl.when((wg < _COMPUTE_WGS) & (n_all > 0))
+        def _():
+            plgpu.barrier_wait(o_free)
+
+        @pl.when(wg == _COMPUTE_WGS)
+        def _():
+            @plgpu.warp_map
+            def _(warp_id):
+                for wid, bar in ((0, w_free), (1, x_free)):
+                    @pl.when((warp_id == wid) & (n_mm > 0))
+                    def _(bar=bar):
+                        for st in range(stages):
+                            plgpu.barrier_wait(bar.at[st])
+
+    # Weight tiles are kept per (weight, warpgroup) slot of 64 rows: an int4 view of SMEM can only be sliced at
+    # static row offsets, and the two views (uint8 for the TMA, int4 for the register load) alias the same bytes.
+    slots = nw * _COMPUTE_WGS
+    if interpret:
+        w_scratch = plgpu.SMEM((stages, slots, _WG_ROWS, tk // 2), jnp.uint8)
+    else:
+        w_scratch = plgpu.RefUnion(_tiled((stages, slots, _WG_ROWS, tk // 2), jnp.uint8),
+                                   _tiled((stages, slots, _WG_ROWS, tk), jnp.int4))
+    scratch = [
+        _tiled((stages, tm, tk), jnp.bfloat16),                                       # x
+        w_scratch,                                                                    # packed W (u8 / i4 views)
+        plgpu.SMEM((stages, slots, _WG_ROWS, tk // 16), jnp.float8_e4m3fn),           # block scales
+        plgpu.SMEM((_COMPUTE_WGS, nw, tk // 16, _WG_ROWS), jnp.bfloat16),             # scales, transposed
+        plgpu.SMEM((_COMPUTE_WGS, tm, _WG_ROWS), dims.out_dtype,
+                   transforms=(plgpu.SwizzleTransform(128),)),                        # output rows
+        plgpu.Barrier(num_barriers=stages),                                           # x landed
+        plgpu.Barrier(num_arrivals=2 * slots, num_barriers=stages),                   # W + scales landed
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS),                                     # output tile ready
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),                # x slot free
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),                # W slot free
+        plgpu.Barrier(),                                                              # output buffer free
+    ]
+    if interpret:
+        scratch.append(plgpu.SMEM((_COMPUTE_WGS, nw, _WG_ROWS, tk), jnp.bfloat16))
+    return kernel, scratch
+
+
+def _decode_operand(w_u8, w_i4, s_ref, st_ref, variant, interpret):
+    """Decode one warpgroup's [64, 256] weight tile into the scaled bf16 wgmma operand (value * s_b / fold)."""
+    if interpret:
+        return nvfp4_decode.decode_jnp(w_u8[...], s_ref[...], variant)
+    # Block scales: [64, 16] E4M3 -> bf16 * fold, stored transposed so each 16-column chunk's scales are a
+    # contiguous row that loads straight into the wgmma row layout (strided SMEM loads do not lower).
+    s = plgpu.load(s_ref, layout=_WGMMA).astype(jnp.float32)
+    st_ref.T[...] = (s * variant.scale_fold).astype(jnp.bfloat16)
+    codes = plgpu.layout_cast(plgpu.load(w_i4, layout=plgpu.Layout.WGMMA_UPCAST_4X), _WGMMA)
+    v = nvfp4_decode.codes_to_bf16(codes.astype(jnp.int16), variant)
+    chunks = []
+    for c in range(_TILE_K // 16):
+        sc = plgpu.load(st_ref.at[c], layout=_WGMMA_ROW)
+        chunks.append(v[:, c * 16:(c + 1) * 16] * lax.broadcast_in_dim(sc, (_WG_ROWS, 16), [0]))
+    return jnp.concatenate(chunks, axis=1)
+
+
+def _row_scale(rs_gmem, g, n0, tm, dims: _Dims, epi_fold: float, interpret: bool):
+    """fp32 epilogue factor for the warpgroup's 64 weight rows: a [64, tm] broadcast (per-row) or a scalar."""
+    if dims.row_scale_per_row:
+        if interpret:
+            v = lax.dynamic_slice_in_dim(rs_gmem[g], n0, _WG_ROWS)
+        else:
+            v = plgpu.load(rs_gmem.at[g, pl.ds(n0, _WG_ROWS)], layout=_WGMMA_ROW, optimized=False)
+        return lax.broadcast_in_dim(v * epi_fold, (_WG_ROWS, tm), [0])
+    return rs_gmem[g, 0] * epi_fold
+
+
+def _load_col_vector(ref, start, length, interpret):
+    if interpret:
+        return lax.dynamic_slice_in_dim(ref[...], start, length)
+    return plgpu.load(ref.at[pl.ds(start, length)], layout=_WGMMA_COL, optimized=False)
+
+
+def _swiglu(g, u, limit):
+    """DeepSeek-V4 clamped SwiGLU in fp32 (same formula as reference.swiglu)."""
+    if limit is not None:
+        g = jnp.minimum(g, limit)
+        u = jnp.minimum(jnp.maximum(u, -limit), limit)
+    return g / (1.0 + jnp.exp(-g)) * u
+
+
+def _ragged_store(o_smem, o_gmem, load_start, offset, size, ni, tm, m):
+    """TMA-store rows [offset, offset + size) of both warpgroups' [tm, 64] tiles, largest power of two first.
+
+    The compute warpgroups fenced their SMEM writes (commit_smem) before arriving on the barrier we waited on.
+    """
+    smem_off = offset
+    p = 1 << (min(tm, m).bit_length() - 1)
+    while p > 0:
+        @pl.when((size & p) != 0)
+        def _(p=p, smem_off=smem_off):
+            for wg in range(_COMPUTE_WGS):
+                cols = pl.ds(ni * _CTA_ROWS + wg * _WG_ROWS, _WG_ROWS)
+                plgpu.copy_smem_to_gmem(o_smem.at[wg, pl.ds(smem_off, p)],
+                                        o_gmem.at[pl.ds(load_start + smem_off, p), cols],
+                                        commit_group=False)
+        smem_off = smem_off + (size & p)
+        p //= 2
+    plgpu.commit_smem_to_gmem_group()
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public entry point
+
+def _num_sms() -> int:
+    try:
+        dev = jax.devices()[0]
+        return int(getattr(dev, "core_count", 0)) or 132
+    except Exception:       # noqa: BLE001 - no backend: export / interpret on the CPU
+        return 132
+
+
+def check_weight(packed, block_scale, global_scale, name: str = "weight"):
+    """Shape/dtype checks for NVFP4 stacked-expert weights [E, N, K]. Returns (E, N, K)."""
+    if packed.ndim != 3 or packed.dtype != jnp.uint8:
+        raise ValueError(f"{name}: packed codes must be uint8 [E, N, K/2], got {packed.dtype}{list(packed.shape)}")
+    e, n, k2 = packed.shape
+    k = 2 * k2
+    if block_scale.shape != (e, n, k // 16) or block_scale.dtype != jnp.float8_e4m3fn:
+        raise ValueError(f"{name}: block scales must be float8_e4m3fn {[e, n, k // 16]}, got "
+                         f"{block_scale.dtype}{list(block_scale.shape)}")
+    gs = jnp.shape(global_scale)
+    if len(gs) not in (0, 2) or (len(gs) == 2 and (gs[0] not in (1, e) or gs[1] not in (1, n))):
+        raise ValueError(f"{name}: global scale must be a scalar or [E|1, N|1] for weights [{e}, {n}, {k}], "
+                         f"got shape {list(gs)}")
+    return e, n, k
+
+
+def supported(m: int, n: int, k: int) -> str | None:
+    """None when the kernel handles this shape, else the reason (the dispatcher then uses the reference)."""
+    if k % _TILE_K:
+        return f"K={k} is not a multiple of {_TILE_K}"
+    if n % _CTA_ROWS:
+        return f"N={n} is not a multiple of {_CTA_ROWS}"
+    if m == 0:
+        return "no rows"
+    return None
+
+
+def epilogue_row_scale(global_scale, e: int, n: int, input_scale=None) -> jax.Array:
+    """fp32 [E, 1] or [E, N] factor applied to the accumulator: g_w (x g_a in W4A4)."""
+    g = jnp.asarray(global_scale, jnp.float32)
+    g = g.reshape(1, 1) if g.ndim == 0 else g
+    if g.shape[1] == 1:
+        g = jnp.broadcast_to(g, (e, 1))
+    else:
+        g = jnp.broadcast_to(g, (e, n))
+    if input_scale is not None:
+        ga = jnp.asarray(input_scale, jnp.float32)
+        g = g * (ga.reshape(e, 1) if ga.ndim == 1 else ga)
+    return g
+
+
+def grouped_matmul(x: jax.Array, packed: jax.Array, block_scale: jax.Array, global_scale: jax.Array,
+                   group_sizes: jax.Array, *, input_scale: jax.Array | None = None, out_dtype=None,
+                   config: Config | None = None, interpret: bool = False) -> jax.Array:
+    """NVFP4 grouped matmul: x [M, K] rows sorted by group, weights [E, N, K] -> [M, N] (fp32 accumulation).
+
+    input_scale None: W4A16 (x used as given, bf16). input_scale g_a (scalar or [E]): W4A4, x is first
+    quantized to NVFP4 with the global scale of its row's group (Blackwell numerics: exact products, fp32 sums).
+    Rows past sum(group_sizes) are zero. `interpret=True` runs the kernel in Mosaic GPU interpret mode (CPU).
+    """
+    from pallas_kernels import act_quant  # local: act_quant imports this module's helpers indirectly
+
+    e, n, k = check_weight(packed, block_scale, global_scale)
+    m = x.shape[0]
+    if x.ndim != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [M, {k}] to match weights [{e}, {n}, {k}], got {list(x.shape)}")
+    if group_sizes.shape != (e,):
+        raise ValueError(f"group_sizes must be [{e}], got {list(group_sizes.shape)}")
+    if (why := supported(m, n, k)) is not None:
+        raise ValueError(f"grouped_matmul kernel: unsupported shape: {why}")
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if input_scale is not None:
+        x = act_quant.quantize_dequantize_grouped(x, input_scale, group_sizes, interpret=interpret)
+    rs = epilogue_row_scale(global_scale, e, n, input_scale)
+    return _launch(x.astype(jnp.bfloat16), [packed], [block_scale], [rs], group_sizes, None, out_dtype,
+                   config or default_config(m, e), "linear", None, interpret)
+
+
+def _launch(x, packs, scales, row_scales, group_sizes, route_weight, out_dtype, cfg: Config, epilogue,
+            swiglu_limit, interpret):
+    m, k = x.shape
+    e, n, _ = packs[0].shape
+    tm = cfg.tile_m
+    # Activation windows may run past row m (TMA zero-fills them on the GPU); interpret mode needs real rows.
+    mp = max(m, tm) if not interpret else (m + 7) // 8 * 8 + tm
+    xp = x if mp == m else jnp.pad(x, ((0, mp - m), (0, 0)))
+    items, count = build_work_list(group_sizes, m, tm)
+    per_row = any(r.shape[1] != 1 for r in row_scales)
+    if per_row:
+        row_scales = [jnp.broadcast_to(r, (e, n)) for r in row_scales]
+    dims = _Dims(m=m, k=k, n=n, e=e, num_weights=len(packs), row_scale_per_row=per_row, out_dtype=out_dtype)
+    body, scratch = _build_kernel(dims, cfg, epilogue, swiglu_limit, interpret)
+    args = [items, count, xp, *packs, *scales, *row_scales]
+    if epilogue == "swiglu":
+        args.append(jnp.pad(route_weight.astype(jnp.float32), (0, mp + tm - route_weight.shape[0])))
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
+        scratch_types=scratch,
+        grid=(2 if interpret else _num_sms(),),   # interpret mode simulates every thread: keep it small
+        grid_names=("sm",),
+        num_threads=_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+    out = kernel(*args)
+    return out if mp == m else out[:m]
