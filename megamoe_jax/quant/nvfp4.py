@@ -188,6 +188,7 @@ def check_scale_values(scale, what: str) -> None:
 # Global scale
 # ----------------------------------------------------------------------------------------------------------
 
+@functools.partial(jax.jit, static_argnames="dtype")
 def multiplier_from_amax(amax: jax.Array, dtype=jnp.float32) -> jax.Array:
     """compressed-tensors `generate_gparam`: G = (1/max(amax, tiny)) * 2688 in `dtype` (bf16 or f32),
     non-finite or non-positive results -> 1.0. Returns f32 with amax's shape."""
@@ -204,6 +205,7 @@ def multiplier_from_amax(amax: jax.Array, dtype=jnp.float32) -> jax.Array:
     return jnp.where(ok, g, jnp.float32(1.0))
 
 
+@jax.jit
 def _multiplier_from_g(g: jax.Array) -> jax.Array:
     """G = fl32(1/g), exactly. An invalid g (only possible under jit, where values are not checked) maps to
     G = 1, the same safe fallback compressed-tensors uses for uncalibrated scales: never NaN."""
@@ -327,6 +329,16 @@ def _global_from_data(x, batch_dims):
         amax = amax.reshape(())
     G = multiplier_from_amax(amax, jnp.bfloat16 if x.dtype == jnp.bfloat16 else jnp.float32)
     return G, div_rn(jnp.ones_like(G), G)
+
+
+def data_multiplier(x: jax.Array, *, batch_dims: int = 0) -> jax.Array:
+    """The multiplier G that `quantize(x, batch_dims=...)` computes from the data (compressed-tensors'
+    generate_gparam on the finite amax). Write this, not 1/g, as `weight_global_scale` to get the exact file
+    compressed-tensors would write (1/fl32(1/G) is not always G)."""
+    x = _check_input(x)
+    if not 0 <= batch_dims < x.ndim:
+        raise ValueError(f"data_multiplier: batch_dims={batch_dims} must be in [0, {x.ndim - 1}]")
+    return _global_from_data(x, batch_dims)[0]
 
 
 def quantize(x: jax.Array, global_scale: jax.Array | None = None, *, batch_dims: int = 0,
