@@ -1,6 +1,8 @@
 """The user-facing API: `megamoe_jax.load(path)` -> `Model` with `.logits(ids)` and `.generate(...)`."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,7 +30,9 @@ class Model:
     skipped), `max_context` (longest prompt + continuation accepted; defaults to max_position_embeddings).
     """
 
-    def __init__(self, module: DeepseekV4, *, max_context: int | None = None, load_report: LoadReport | None = None):
+    def __init__(self, module: DeepseekV4, *, max_context: int | None = None, load_report: LoadReport | None = None,
+                 mesh=None):
+        self.mesh = mesh      # jax.sharding.Mesh the parameters live on (None: one device)
         self.module = module
         self.config: ModelConfig = module.config
         self.load_report = load_report
@@ -59,10 +63,10 @@ class Model:
                 raise ValueError(f"ids must be [tokens], [batch, tokens] or a list of token lists; got shape "
                                  f"{arr.shape}")
         for p in prompts:
-            if not np.issubdtype(p.dtype, np.integer):
-                raise ValueError(f"ids must be integers, got dtype {p.dtype}")
             if p.size == 0:
                 raise ValueError("empty prompt: every sequence needs at least one token")
+            if not np.issubdtype(p.dtype, np.integer):
+                raise ValueError(f"ids must be integers, got dtype {p.dtype}")
             self._check_ids(p, "ids")
         return [p.astype(np.int32).tolist() for p in prompts], form
 
@@ -77,7 +81,18 @@ class Model:
         if arr.shape[1] > self.max_context:
             raise ValueError(f"{arr.shape[1]} tokens exceed the model's context of {self.max_context} tokens")
         self._check_ids(arr, "ids")
-        return self._gen.logits_fn()(self._gen.params, jnp.asarray(arr, jnp.int32))
+        with self._on_mesh():
+            return self._gen.logits_fn()(self._gen.params, self._put_ids(arr.astype(np.int32)))
+
+    def _on_mesh(self):
+        """Trace and run under the model's mesh: dispatch.moe_experts then goes expert-parallel (shard_map)."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _put_ids(self, arr: np.ndarray) -> jax.Array:
+        if self.mesh is None:
+            return jnp.asarray(arr)
+        from megamoe_jax.sharding import put_batch
+        return put_batch(self.mesh, arr)
 
     def generate(self, ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] = (),
@@ -100,9 +115,10 @@ class Model:
                 raise ValueError(f"stop token {s} is outside the vocabulary [0, {self.config.vocab_size})")
         pad = int(pad_token_id if pad_token_id is not None else (stops[0] if stops else 0))
         sampling = Sampling(float(temperature), top_k, top_p)
-        new, lengths = self._gen.generate(prompts, int(max_new_tokens), sampling=sampling, seed=int(seed),
-                                          stop_ids=stops, pad_id=pad, max_context=self.max_context,
-                                          callback=callback)
+        with self._on_mesh():
+            new, lengths = self._gen.generate(prompts, int(max_new_tokens), sampling=sampling, seed=int(seed),
+                                              stop_ids=stops, pad_id=pad, max_context=self.max_context,
+                                              callback=callback)
         if form == "ragged":
             out = []
             for p, row in zip(prompts, new):
@@ -115,18 +131,25 @@ class Model:
 
 
 def load(path: str | os.PathLike, *, dtype=None, param_dtype=None, max_context: int | None = None,
-         progress: bool = False) -> Model:
+         progress: bool = False, mesh=None) -> Model:
     """Load a DeepSeek-V4 checkpoint directory (config.json + safetensors, sharded or not).
 
     dtype: compute / residual-stream dtype (default bf16 on GPU, fp32 on CPU); param_dtype: dtype of the plain
     large weights (default = dtype); quantized weights keep their format. max_context: longest prompt +
-    continuation accepted (default max_position_embeddings).
+    continuation accepted (default max_position_embeddings). mesh: a `jax.sharding.Mesh` with axes among
+    ("data", "expert", "tensor") or a (data, expert, tensor) tuple (see megamoe_jax.sharding.make_mesh): each
+    tensor is read straight into its shards and generation runs expert/tensor parallel; None = one device.
     """
     path = Path(path)
     ckpt = open_checkpoint(path)
     cfg = ModelConfig.from_hf_config(ckpt.config, source=str(path / "config.json"))
     dtype = dtype or default_dtype()
     module = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype or dtype)
-    report = load_params(module, ckpt, progress=progress)
+    place = None
+    if mesh is not None:
+        from megamoe_jax import sharding
+        mesh = sharding.as_mesh(mesh)
+        place = functools.partial(sharding.place_param, mesh=mesh)
+    report = load_params(module, ckpt, place=place, progress=progress)
     ckpt.close()
-    return Model(module, max_context=max_context, load_report=report)
+    return Model(module, max_context=max_context, load_report=report, mesh=mesh)

@@ -26,6 +26,10 @@ import torch
 
 from megamoe_jax.model.config import HASH_MOE, ModelConfig, YarnConfig, tiny
 
+# Tiny torch models are dominated by per-op overhead; with 2 test workers on 2 cores, torch's default
+# intra-op threads oversubscribe the machine and make transformers' generate ~10x slower. One thread each.
+torch.set_num_threads(1)
+
 # Configs covering every layer type (0 = SWA, 4 = CSA, m = HCA) and MLP type (hash / top-k), YaRN on.
 TINY_CONFIGS: dict[str, ModelConfig] = {
     # the preset: SWA+hash, CSA+hash, HCA(16)+topk, CSA+topk
