@@ -5,7 +5,10 @@ Meaning of `NVFP4Tensor.global_scale` (and `input_scale`): the DEQUANT factor g 
 compressed-tensors stores the multiplier G = 1/g = 2688/amax (`weight_global_scale`); NVIDIA ModelOpt stores g
 (`weight_scale_2`, `input_scale`). `megamoe_jax.quant.conventions` converts both into this form and back.
 
-Quantization (with the multiplier G = 1/g), reproducing compressed-tensors 0.20 bit for bit:
+Quantization uses the multiplier G: computed from the data (below), passed as `multiplier=` (a stored
+compressed-tensors G, used exactly), or derived from a given g as G = fl32(1/g) (exact reciprocal; the f32
+reciprocal is not an involution: fl32(1/fl32(1/448)) = 447.99997, so pass a stored G as `multiplier`).
+It reproduces compressed-tensors 0.20 bit for bit:
     r_b  = vecmax_b / 6                 rounded to the input dtype (bf16 inputs: bf16; f32 and f16: f32)
     s_b  = E4M3_RNE(min(G * r_b, 448))  saturating: clip BEFORE the cast (the plain cast makes > 464 NaN)
     s_b  = 0.125 if s_b == 0            compressed-tensors' eps for zero/underflowing blocks (byte 0x20); the
@@ -20,7 +23,12 @@ before the division, and no division is ever evaluated by the hardware: fl32(x /
 Instead, for each of the 127 possible scale bytes, the exact f32 thresholds X_i with fl32(x/d) >= t_i are
 precomputed (`code_thresholds`), and each code is a count of compares |x| >= X_i. That is exact, identical
 on CPU and GPU (XLA's GPU division is `div.full.f32`, ~2 ulp), and cheap enough for a kernel: 8 compares per
-element plus an 8-entry table row per block.
+element plus an 8-entry table row per block. All compares and maxima run on f32 bit patterns (monotone for
+non-negative floats), so XLA-CPU's flushing of subnormals cannot change a result either.
+
+Dequantization: x_hat = fl32(fl32(e2m1 * s_b) * g); the first product is exact, so this is the correctly
+rounded value of code * s_b * g. (compressed-tensors computes e2m1 * fl32(s_b / G): within an f32 ulp, and
+identical after rounding to bf16, which is what its decompression returns.)
 
 Global scale from data (`quantize(x)` without a scale): compressed-tensors' `generate_gparam`:
 G = (1/amax) * 2688 evaluated in the input dtype (torch computes `2688 / t` as `t.reciprocal() * 2688`),
@@ -34,6 +42,8 @@ Special inputs (documented results):
     NaN: a NaN is never silently turned into a number. Finite inputs never give NaN.
   * -0.0 gives code 0x0 (compressed-tensors: torch.sign(-0.0) = +0); a negative value that rounds to zero
     gives 0x8 (-0.0).
+  * A global scale that is zero, negative, NaN or Inf raises ValueError when concrete; under jit (where values
+    cannot be checked) it is replaced by G = 1, compressed-tensors' fallback, so the result is never NaN.
 K must be a multiple of 16 (no padding), as in compressed-tensors and vLLM.
 """
 from __future__ import annotations
