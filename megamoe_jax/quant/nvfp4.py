@@ -144,7 +144,7 @@ class NVFP4Tensor:
         if g.ndim != 1 or x.ndim != 2:
             raise ValueError(f"prepare_grouped_activation: expected x [M, K] and input_scale [E], got "
                              f"{tuple(x.shape)} and {tuple(g.shape)}")
-        return fake_quantize(x, g[gid])
+        return fake_quantize_grouped(x, g, gid)
 
 
 def _check_structure(packed, block_scale, global_scale, input_scale):
@@ -223,6 +223,9 @@ def _multiplier_from_g(g: jax.Array) -> jax.Array:
     ok = is_pos_finite(g)
     G = div_rn(jnp.ones_like(g), jnp.where(ok, g, jnp.float32(1)))
     return jnp.where(ok & jnp.isfinite(G), G, jnp.float32(1.0))
+
+
+multiplier_from_g = _multiplier_from_g
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -326,6 +329,22 @@ def quantize_with_multiplier(x: jax.Array, multiplier: jax.Array):
     return e2m1.pack(codes.reshape(x.shape)), byte
 
 
+@jax.jit
+def quantize_grouped_with_multiplier(x: jax.Array, multiplier: jax.Array, gid: jax.Array):
+    """Rows of x [M, K] quantized with the multiplier of their group: G [E], gid int [M] ->
+    (packed uint8 [M, K/2], scale bytes uint8 [M, K/16]). One threshold table per group, not per row."""
+    x = _check_input(x)
+    if x.ndim != 2:
+        raise ValueError(f"quantize_grouped_with_multiplier: x must be [M, K], got shape {tuple(x.shape)}")
+    G = jnp.asarray(multiplier, jnp.float32).reshape(-1)                         # [E]
+    gid = jnp.clip(jnp.asarray(gid, jnp.int32), 0, G.shape[0] - 1)
+    m, k = x.shape
+    xbits = f32_bits(x).reshape(m, k // BLOCK, BLOCK)
+    byte = block_scale_bytes(xbits & jnp.uint32(0x7FFFFFFF), G[gid][:, None], x.dtype)
+    codes = encode_blocks(xbits, byte, code_thresholds(G), gid[:, None])
+    return e2m1.pack(codes.reshape(x.shape)), byte
+
+
 def _finite_amax(x, axes):
     a = jnp.abs(x.astype(jnp.float32))
     return jnp.max(jnp.where(jnp.isfinite(a), a, 0), axis=axes, keepdims=True)
@@ -424,6 +443,16 @@ def fake_quantize(x: jax.Array, global_scale: jax.Array) -> jax.Array:
     packed, byte = quantize_with_multiplier(x, _multiplier_from_g(g))
     t = NVFP4Tensor(packed, jax.lax.bitcast_convert_type(byte, jnp.float8_e4m3fn),
                     jnp.broadcast_to(g, x.shape[:-1]) if g.ndim else g)
+    return dequantize(t, jnp.float32)
+
+
+@jax.jit
+def fake_quantize_grouped(x: jax.Array, global_scale: jax.Array, gid: jax.Array) -> jax.Array:
+    """Quantize-dequantize rows of x [M, K] with g [E] of their group gid [M]; f32 result."""
+    g = jnp.asarray(global_scale, jnp.float32).reshape(-1)
+    gid = jnp.clip(jnp.asarray(gid, jnp.int32), 0, g.shape[0] - 1)
+    packed, byte = quantize_grouped_with_multiplier(x, _multiplier_from_g(g), gid)
+    t = NVFP4Tensor(packed, jax.lax.bitcast_convert_type(byte, jnp.float8_e4m3fn), g[gid])
     return dequantize(t, jnp.float32)
 
 

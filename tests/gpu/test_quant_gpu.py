@@ -76,6 +76,9 @@ def test_nvfp4_activation_path_identical(devices):
     qdq = lambda v: nvfp4.fake_quantize(v, jnp.float32(1 / 3977.57))   # noqa: E731
     c, g = run_on(cpu, qdq, xb), run_on(gpu, qdq, xb)
     assert_same(c, g, "fake_quantize (fused QDQ)")
+    gid = jnp.asarray(np.repeat(np.arange(4), 256))
+    grouped = lambda v, i: nvfp4.fake_quantize_grouped(v, jnp.asarray([1e-4, 3e-4, 1e-3, 3e-3], jnp.float32), i)  # noqa
+    assert_same(run_on(cpu, grouped, xb, gid), run_on(gpu, grouped, xb, gid), "fake_quantize_grouped")
     # and the QDQ really rounds on the GPU: every value is code * scale * g
     t = run_on(cpu, lambda v: nvfp4.quantize(v, global_scale=jnp.float32(1 / 3977.57)), xb)
     np.testing.assert_array_equal(g, np.asarray(t.dequantize()))
