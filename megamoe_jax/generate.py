@@ -7,6 +7,7 @@ top-p. A streaming callback runs on the host from inside the loop via `jax.debug
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Callable, Sequence
@@ -77,123 +78,129 @@ def bucket(n: int) -> int:
     return -(-n // 1024) * 1024
 
 
+# ---- compiled programs ----------------------------------------------------------------------------------------
+# Module-level and keyed by the (hashable) nnx GraphDef, so every model of the same structure shares them.
+
+TRACES: collections.Counter = collections.Counter()   # how often each program was traced (tests: no retracing)
+_streaming_callback: Callable | None = None           # the callback of the generate() call in progress
+_JITTED: dict = {}
+
+
+def _jit(name: str, fn, static: tuple[str, ...], donate: tuple[str, ...] = ()):
+    """jax.jit built on first use (so importing this module does not initialise a backend); the decode state is
+    donated where the backend implements donation (not on CPU)."""
+    f = _JITTED.get(name)
+    if f is None:
+        donate = donate if jax.default_backend() != "cpu" else ()
+        f = _JITTED[name] = jax.jit(fn, static_argnames=static, donate_argnames=donate)
+    return f
+
+
+def _prefill(graphdef, params, ids, lengths, *, max_len):
+    """-> (next-token logits [B, V] fp32, decode state of capacity max_len)."""
+    TRACES["prefill"] += 1
+    model = nnx.merge(graphdef, params)
+    state = model.init_state(ids.shape[0], max_len)
+    h, state = model(ids, state, lengths)                                        # [B, T, D]
+    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]   # [B, D]
+    return model.logits(last), state
+
+
+def _logits(graphdef, params, ids):
+    TRACES["logits"] += 1
+    model = nnx.merge(graphdef, params)
+    h, _ = model(ids, model.init_state(ids.shape[0], ids.shape[1]))
+    return model.logits(h)
+
+
+def _forward(graphdef, params, ids, state, lengths):
+    TRACES["forward"] += 1
+    model = nnx.merge(graphdef, params)
+    h, state = model(ids, state, lengths)
+    return model.logits(h), state
+
+
+def _trampoline(step, tok, done):
+    if _streaming_callback is not None:
+        _streaming_callback(int(step), np.asarray(tok), np.asarray(done))
+
+
+def _decode(graphdef, params, state, first_logits, rng, max_new, stops, pad, temperature, top_p, *,
+            out_cap, static_sampling, streaming):
+    """The decode loop -> (tokens [B, out_cap] (pad after a sequence stops), steps run).
+
+    One while_loop whose body (one decode step of the whole model + sampling) is compiled once. Finished
+    sequences feed zero-length steps, so their state stops changing. With `streaming`, each step calls the host
+    trampoline (which forwards to the current callback: a new callback does not recompile)."""
+    TRACES["decode"] += 1
+    model = nnx.merge(graphdef, params)
+    greedy, top_k, use_top_p = static_sampling
+    pick = functools.partial(sample, greedy=greedy, top_k=top_k, temperature=temperature,
+                             top_p=top_p if use_top_p else None)
+
+    def emit(step, tok, done):
+        if streaming:
+            jax.debug.callback(_trampoline, step, tok, done, ordered=True)
+
+    b = first_logits.shape[0]
+    tok = pick(first_logits, jax.random.fold_in(rng, 0))
+    done = jnp.isin(tok, stops)
+    out = jnp.full((b, out_cap), pad, jnp.int32).at[:, 0].set(tok)
+    emit(0, tok, done)
+
+    def cond(carry):
+        step, _, _, _, done = carry
+        return (step < max_new) & ~jnp.all(done)
+
+    def body(carry):
+        step, tok, state, out, done = carry
+        h, state = model(tok[:, None], state, (~done).astype(jnp.int32))
+        nxt = pick(model.logits(h[:, 0]), jax.random.fold_in(rng, step))
+        nxt = jnp.where(done, pad, nxt)
+        out = out.at[:, step].set(nxt)
+        done = done | jnp.isin(nxt, stops)
+        emit(step, nxt, done)
+        return step + 1, nxt, state, out, done
+
+    step, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, state, out, done))
+    return out, step
+
+
 class Generator:
-    """Compiled prefill / decode programs for one model, cached per (batch, bucketed lengths, static settings)."""
+    """The compiled programs bound to one model's parameters.
+
+    prefill_fn(max_len)(params, ids, lengths), logits_fn()(params, ids), forward_fn()(params, ids, state, lengths)
+    and decode_fn(...) take `self.params` first; programs are shared by every model of the same structure and
+    cached per (batch, bucketed lengths, static sampling settings).
+    """
 
     def __init__(self, model: DeepseekV4):
         self.graphdef, self.params = nnx.split(model)
         self.config = model.config
-        self._cache: dict = {}
-        # Donating the decode state lets XLA update caches in place; CPU does not implement donation.
-        self._donate = jax.default_backend() != "cpu"
-        self._callback: Callable | None = None   # the host callback of the generate() call in progress
-        self.traces: dict[str, int] = {}          # how often each program was traced (tests: no retracing)
 
-    def _traced(self, what: str) -> None:
-        self.traces[what] = self.traces.get(what, 0) + 1
+    @property
+    def traces(self) -> collections.Counter:
+        return TRACES
 
-    # ---- compiled programs ------------------------------------------------------------------------------
     def prefill_fn(self, max_len: int):
         """(params, ids [B, T], lengths [B]) -> (next-token logits [B, V] fp32, state of capacity max_len)."""
-        key = ("prefill", max_len)
-        if key not in self._cache:
-            graphdef = self.graphdef
-
-            def prefill(params, ids, lengths):
-                self._traced("prefill")
-                model = nnx.merge(graphdef, params)
-                state = model.init_state(ids.shape[0], max_len)
-                h, state = model(ids, state, lengths)                                        # [B, T, D]
-                last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]   # [B, D]
-                return model.logits(last), state
-
-            self._cache[key] = jax.jit(prefill)
-        return self._cache[key]
+        f = _jit("prefill", _prefill, ("graphdef", "max_len"))
+        return functools.partial(f, self.graphdef, max_len=max_len)
 
     def logits_fn(self):
         """(params, ids [B, T]) -> logits [B, T, V] fp32: one prefill from an empty state."""
-        key = ("logits",)
-        if key not in self._cache:
-            graphdef = self.graphdef
-
-            def logits(params, ids):
-                self._traced("logits")
-                model = nnx.merge(graphdef, params)
-                h, _ = model(ids, model.init_state(ids.shape[0], ids.shape[1]))
-                return model.logits(h)
-
-            self._cache[key] = jax.jit(logits)
-        return self._cache[key]
+        return functools.partial(_jit("logits", _logits, ("graphdef",)), self.graphdef)
 
     def forward_fn(self):
         """(params, ids [B, T], state, lengths [B]) -> (logits [B, T, V] fp32, new state): append any number of
-        tokens per sequence (prefill, chunked prefill or one decode step)."""
-        key = ("forward",)
-        if key not in self._cache:
-            graphdef = self.graphdef
-
-            def forward(params, ids, state, lengths):
-                self._traced("forward")
-                model = nnx.merge(graphdef, params)
-                h, state = model(ids, state, lengths)
-                return model.logits(h), state
-
-            self._cache[key] = jax.jit(forward, donate_argnums=(2,) if self._donate else ())
-        return self._cache[key]
+        tokens per sequence (prefill, chunked prefill or one decode step). The state is donated on GPU."""
+        return functools.partial(_jit("forward", _forward, ("graphdef",), ("state",)), self.graphdef)
 
     def decode_fn(self, out_cap: int, static_sampling: tuple, streaming: bool):
-        """The decode loop (params, state, first_logits, rng, max_new, stops, pad, temperature, top_p) ->
-        (tokens [B, out_cap] (pad after a sequence stops), steps run).
-
-        One while_loop; its body (one decode step of the whole model + sampling) is compiled once. With
-        `streaming`, each step calls the host trampoline, which forwards to the current callback, so a new
-        callback does not recompile."""
-        key = ("decode", out_cap, static_sampling, streaming)
-        if key in self._cache:
-            return self._cache[key]
-        graphdef = self.graphdef
-        greedy, top_k, use_top_p = static_sampling
-
-        def emit(step, tok, done):
-            if streaming:
-                jax.debug.callback(self._trampoline, step, tok, done, ordered=True)
-
-        def decode(params, state, first_logits, rng, max_new, stops, pad, temperature, top_p):
-            self._traced("decode")
-            model = nnx.merge(graphdef, params)
-            pick = functools.partial(sample, greedy=greedy, top_k=top_k, temperature=temperature,
-                                     top_p=top_p if use_top_p else None)
-            b = first_logits.shape[0]
-            tok = pick(first_logits, jax.random.fold_in(rng, 0))
-            done = jnp.isin(tok, stops)
-            out = jnp.full((b, out_cap), pad, jnp.int32).at[:, 0].set(tok)
-            emit(0, tok, done)
-
-            def cond(carry):
-                step, _, _, _, done = carry
-                return (step < max_new) & ~jnp.all(done)
-
-            def body(carry):
-                step, tok, state, out, done = carry
-                active = (~done).astype(jnp.int32)                       # finished sequences append nothing
-                h, state = model(tok[:, None], state, active)
-                nxt = pick(model.logits(h[:, 0]), jax.random.fold_in(rng, step))
-                nxt = jnp.where(done, pad, nxt)
-                out = out.at[:, step].set(nxt)
-                done = done | jnp.isin(nxt, stops)
-                emit(step, nxt, done)
-                return step + 1, nxt, state, out, done
-
-            step, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, state, out, done))
-            return out, step
-
-        fn = jax.jit(decode, donate_argnums=(1,) if self._donate else ())
-        self._cache[key] = fn
-        return fn
-
-    def _trampoline(self, step, tok, done):
-        if self._callback is not None:
-            self._callback(int(step), np.asarray(tok), np.asarray(done))
+        """(params, state, first_logits, rng, max_new, stops, pad, temperature, top_p) -> (tokens, steps)."""
+        f = _jit("decode", _decode, ("graphdef", "out_cap", "static_sampling", "streaming"), ("state",))
+        return functools.partial(f, self.graphdef, out_cap=out_cap, static_sampling=static_sampling,
+                                 streaming=streaming)
 
     # ---- host driver ------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sampling: Sampling,
@@ -218,7 +225,8 @@ class Generator:
         decode = self.decode_fn(bucket(max_new_tokens), sampling.static, callback is not None)
         stops = np.full((max(4, -(-len(stop_ids) // 4) * 4),), -1, np.int32)   # padded: no recompile per set
         stops[:len(stop_ids)] = stop_ids
-        self._callback = callback
+        global _streaming_callback
+        _streaming_callback = callback
         try:
             out, steps = decode(self.params, state, logits, jax.random.key(seed), jnp.int32(max_new_tokens),
                                 jnp.asarray(stops), jnp.int32(pad_id), jnp.float32(sampling.temperature or 1.0),
@@ -226,5 +234,5 @@ class Generator:
             out = np.asarray(out)[:, : int(steps)]
             jax.effects_barrier()                      # every streamed token was delivered before we return
         finally:
-            self._callback = None
+            _streaming_callback = None
         return out, lengths

@@ -39,8 +39,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         self.layer_idx = layer_idx
-        self.hc = dict(hc_mult=cfg.hc_mult, iters=cfg.hc_sinkhorn_iters, rms_eps=cfg.rms_norm_eps,
-                       hc_eps=cfg.hc_eps)
+        self.config = cfg
         self.eps = cfg.rms_norm_eps
         d, m, nd = cfg.hidden_size, cfg.hc_mix_dim, cfg.hc_mult * cfg.hidden_size
         self.attn = Attention(cfg, layer_idx, rngs=rngs, param_dtype=param_dtype)
@@ -55,17 +54,20 @@ class Block(nnx.Module):
         self.hc_ffn_base = _const((m,), 0.0)
         self.hc_ffn_scale = _const((3,), 1.0)
 
+    def _hc_pre(self, x, fn, scale, base):
+        c = self.config
+        return mhc.hc_pre(x, fn.get_value(), scale.get_value(), base.get_value(), hc_mult=c.hc_mult,
+                          iters=c.hc_sinkhorn_iters, rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps)
+
     def __call__(self, x: jax.Array, ids: jax.Array, attn_state, start_pos: jax.Array, lengths: jax.Array):
         """x [B, T, n, D], ids [B, T] -> (x [B, T, n, D], new attn_state)."""
         residual = x
-        y, post, comb = mhc.hc_pre(x, self.hc_attn_fn.get_value(), self.hc_attn_scale.get_value(), self.hc_attn_base.get_value(),
-                                   **self.hc)
+        y, post, comb = self._hc_pre(x, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base)
         y, attn_state = self.attn(rms_norm(y, self.attn_norm.get_value(), self.eps), attn_state, start_pos, lengths)
         x = mhc.hc_post(y, residual, post, comb)
 
         residual = x
-        y, post, comb = mhc.hc_pre(x, self.hc_ffn_fn.get_value(), self.hc_ffn_scale.get_value(), self.hc_ffn_base.get_value(),
-                                   **self.hc)
+        y, post, comb = self._hc_pre(x, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base)
         y = self.ffn(rms_norm(y, self.ffn_norm.get_value(), self.eps), ids)
         return mhc.hc_post(y, residual, post, comb), attn_state
 

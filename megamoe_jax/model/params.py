@@ -82,7 +82,11 @@ def _stack(ws: list) -> Any:
         raise CheckpointError(f"experts mix weight formats: {sorted({type(w).__name__ for w in ws})}")
     if hasattr(cls, "stack"):            # lets a format lift per-expert scalar scales to [E, 1, ...]
         return cls.stack(ws)
-    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *ws)
+    try:
+        # formats.read_weight gives per-expert global scales shape [1] so that this stacks to [E, 1]
+        return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *ws)
+    except ValueError as e:              # e.g. some experts W4A4 (input scale), others W4A16
+        raise CheckpointError(f"experts of one projection differ in their quantization fields ({e})") from None
 
 
 def _convert(value, like: jax.ShapeDtypeStruct, name: str, where: str, put: Callable):
@@ -185,7 +189,10 @@ def load_params(model: DeepseekV4, ckpt: CheckpointFiles, *, put: Callable = jax
             except KeyError:
                 raise CheckpointError(f"{where(fname)}: unexpected tensor {fname!r} (as {c!r}): the model "
                                       f"({_describe(cfg)}) has no such parameter") from None
-            _fill(var, formats.read_weight(ckpt, fname), fname, where(fname), put, filled)
+            value = formats.read_weight(ckpt, fname)
+            if c.endswith(".ffn.gate.tid2eid"):
+                _check_tid2eid(value, cfg.n_routed_experts, fname, where(fname))
+            _fill(var, value, fname, where(fname), put, filled)
             loaded.append(c)
         for (li, proj), per_expert in sorted(experts.items()):
             var = resolve(model, f"layers.{li}.ffn.experts.{proj}.weight")
@@ -226,6 +233,15 @@ def _fill(var: nnx.Variable, value, name: str, where: str, put, filled: set[int]
         put = put.bind(var)
     var.set_value(_convert(value, like, name, where, put))
     filled.add(id(var))
+
+
+def _check_tid2eid(value, n_experts: int, name: str, where: str) -> None:
+    arr = np.asarray(value)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise CheckpointError(f"{where}: tensor {name!r} has dtype {arr.dtype}, expected an integer table")
+    if arr.size and (arr.min() < 0 or arr.max() >= n_experts):
+        raise CheckpointError(f"{where}: tensor {name!r}: expert ids must be in [0, {n_experts}), found "
+                              f"{int(arr.min())}..{int(arr.max())}")
 
 
 def _fill_w13(model, c, fname, ckpt, where, put, filled):
