@@ -90,3 +90,30 @@ def test_bad_scales_and_shapes():
     t = nvfp4.NVFP4Tensor(jnp.asarray(packed), jnp.asarray(scale).view(jnp.float8_e4m3fn),
                           jnp.asarray([3.0], jnp.float32))
     assert to_modelopt(t)["weight_scale_2"].shape == ()
+
+
+def test_ct_activation_multiplier_is_used_exactly():
+    """W4A4 with a compressed-tensors input_global_scale: activations are quantized with the stored G itself
+    (bit-exact to compressed-tensors), not with fl32(1/fl32(1/G)), which differs for G = 3584."""
+    import torch
+    from tests.test_quant_nvfp4 import ct_quantize
+    packed, scale = tv8_codes()
+    packed = np.tile(packed, (1, 8))                               # K = 128
+    scale = np.tile(scale, (1, 8))
+    G = np.float32(3584.0)
+    t = from_compressed_tensors(packed, scale, np.array([4.0], np.float32), np.array([G], np.float32))
+    assert np.asarray(t.input_multiplier) == G and to_compressed_tensors(t)["input_global_scale"][0] == G
+    x = jnp.asarray(np.random.default_rng(33).standard_normal((64, 128)).astype(np.float32) * 0.3)
+    xb = x.astype(jnp.bfloat16)
+    y = np.asarray(t.prepare_activation(xb))
+    p_ct, s_ct, _ = ct_quantize(torch.from_numpy(np.array(xb.astype(jnp.float32))).to(torch.bfloat16),
+                                torch.tensor([G]))
+    exact = nvfp4.quantize(xb, multiplier=G, input_scale=None)
+    np.testing.assert_array_equal(np.asarray(exact.packed), p_ct)
+    np.testing.assert_array_equal(np.asarray(exact.block_scale).view(np.uint8), s_ct)
+    want = np.asarray(nvfp4.NVFP4Tensor(exact.packed, exact.block_scale, t.input_scale).dequantize())
+    np.testing.assert_array_equal(y, want)
+    via_g = np.asarray(nvfp4.fake_quantize(xb, t.input_scale))   # G' = fl32(1/g_a) = 3583.9998
+    assert (via_g != y).any()
+    with pytest.raises(ValueError, match="input_multiplier"):
+        nvfp4.NVFP4Tensor(t.packed, t.block_scale, t.global_scale, None, t.input_multiplier)

@@ -7,6 +7,9 @@
 | weight global    | `weight_global_scale` f32 [1] = G = 1/g  | `weight_scale_2` f32 [] = g       |
 | activation global| `input_global_scale` f32 [1] = G_a       | `input_scale` f32 [] = g_a        |
 
+A CT activation multiplier is also kept as is in `NVFP4Tensor.input_multiplier`, so W4A4 activations are
+quantized with exactly the G that compressed-tensors and vLLM use (fl32(1/fl32(1/G)) != G for ~20% of values).
+
 g = amax / 2688 (small), G = 2688 / amax (large). CT -> g is fl32(1/G); back is fl32(1/g), both correctly
 rounded (floatbits.div_rn, the same as numpy/torch fp32 division; compressed-tensors' own ModelOpt converter
 does the same reciprocal). The round trip G -> g -> G is exact for every bf16-representable G, which is what
@@ -68,12 +71,14 @@ def from_compressed_tensors(weight_packed, weight_scale, weight_global_scale, in
     G = np.asarray(weight_global_scale, np.float32)
     check_scale_values(G, f"{name}: weight_global_scale")
     g = _global_shape(reciprocal(G), packed.shape, f"{name}: weight_global_scale")
-    ga = None
+    ga = Ga = None
     if input_global_scale is not None:
         Ga = np.asarray(input_global_scale, np.float32)
         check_scale_values(Ga, f"{name}: input_global_scale")
-        ga = _input_shape(reciprocal(Ga), packed.shape, f"{name}: input_global_scale")
-    return NVFP4Tensor(packed, bs, g, ga)
+        Ga = _input_shape(Ga, packed.shape, f"{name}: input_global_scale")
+        ga = reciprocal(Ga)
+    # the stored multiplier is kept (input_multiplier): fl32(1/g_a) does not always give it back
+    return NVFP4Tensor(packed, bs, g, ga, Ga)
 
 
 def from_modelopt(weight, weight_scale, weight_scale_2, input_scale=None, *,
@@ -110,7 +115,8 @@ def to_compressed_tensors(t: NVFP4Tensor) -> dict[str, np.ndarray]:
            "weight_global_scale": reciprocal(g).reshape(-1 if g.ndim else 1)}
     if t.input_scale is not None:
         ga = np.asarray(t.input_scale, np.float32)
-        out["input_global_scale"] = reciprocal(ga).reshape(-1 if ga.ndim else 1)
+        Ga = reciprocal(ga) if t.input_multiplier is None else np.asarray(t.input_multiplier, np.float32)
+        out["input_global_scale"] = Ga.reshape(-1 if ga.ndim else 1)
     return out
 
 
