@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from megamoe_jax.checkpoint.reader import open_checkpoint
 from megamoe_jax.generate import Generator, Sampling
@@ -153,3 +154,20 @@ def load(path: str | os.PathLike, *, dtype=None, param_dtype=None, max_context: 
     report = load_params(module, ckpt, place=place, progress=progress)
     ckpt.close()
     return Model(module, max_context=max_context, load_report=report, mesh=mesh)
+
+
+def random_model(cfg: ModelConfig, *, seed: int = 0, dtype=None, param_dtype=None,
+                 max_context: int | None = None) -> Model:
+    """A model with random weights (N(0, 0.02) matrices, unit norms, random hash tables) built in one compiled
+    program (no per-tensor eager compiles): for benchmarks and experiments without a checkpoint."""
+    dtype = dtype or default_dtype()
+    param_dtype = param_dtype or dtype
+    key = (cfg, jnp.dtype(dtype), jnp.dtype(param_dtype))
+    make = _RANDOM_INIT.get(key)
+    if make is None:
+        make = _RANDOM_INIT[key] = nnx.jit(
+            lambda k: DeepseekV4(cfg, rngs=nnx.Rngs(params=k), dtype=dtype, param_dtype=param_dtype))
+    return Model(make(jax.random.key(seed)), max_context=max_context)
+
+
+_RANDOM_INIT: dict = {}    # compiled initialisers per (config, dtypes); the seed is a runtime key

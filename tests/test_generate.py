@@ -159,3 +159,18 @@ def test_logits_bad_input(setup):
         model.logits(np.zeros((4,), np.int32))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model.logits(np.full((1, 3), CFG.vocab_size, np.int32))
+
+
+def test_random_model_builds_and_generates():
+    """api.random_model: a checkpoint-free model (benchmarks) with the same generate path."""
+    from megamoe_jax.api import random_model
+    from megamoe_jax.model.config import tiny
+    cfg = tiny(num_hidden_layers=1, compress_ratios=(16,), mlp_layer_types=("hash_moe",))
+    m = random_model(cfg, seed=3, dtype=jnp.float32)
+    out = m.generate([[5, 6, 7]], 3, ignore_eos=True)
+    assert out.shape == (1, 6) and list(out[0, :3]) == [5, 6, 7]
+    table = np.asarray(m.module.layers[0].ffn.gate.tid2eid.get_value())
+    assert table.shape == (cfg.vocab_size, cfg.num_experts_per_tok)
+    assert all(len(set(r)) == cfg.num_experts_per_tok for r in table[:50])   # distinct experts per token
+    again = random_model(cfg, seed=3, dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(again.module.embed.get_value()), np.asarray(m.module.embed.get_value()))
