@@ -76,6 +76,15 @@ def read_bytes(files: list[str], root: Path | None = None, *, eos: int | None = 
     return np.concatenate(parts)
 
 
+def heldout_text(max_bytes: int | None = None, root: Path | None = None) -> str:
+    """The held-out files of the local standard library, concatenated (the demo's perplexity text)."""
+    _, held = corpus(root)
+    data = read_bytes(held, root).astype(np.uint8).tobytes()
+    if max_bytes is not None:
+        data = data[: int(max_bytes)]
+    return data.decode("utf-8", errors="replace")
+
+
 # ---- model ---------------------------------------------------------------------------------------------------
 
 def demo_config(**overrides):
