@@ -40,6 +40,18 @@ def make_mesh(data: int = 1, expert: int = 1, tensor: int = 1, devices=None) -> 
                          devices=devices)
 
 
+def as_mesh(mesh) -> Mesh:
+    """A Mesh from a Mesh (axes checked) or a (data, expert, tensor) tuple."""
+    if isinstance(mesh, Mesh):
+        bad = [a for a in mesh.axis_names if a not in AXES]
+        if bad:
+            raise ValueError(f"mesh axes must be among {AXES}, got {mesh.axis_names}")
+        return mesh
+    if isinstance(mesh, (tuple, list)) and len(mesh) == 3:
+        return make_mesh(*mesh)
+    raise ValueError(f"mesh must be a jax.sharding.Mesh or a (data, expert, tensor) tuple, got {mesh!r}")
+
+
 def mesh_shape_for(n_devices: int, num_experts: int) -> tuple[int, int, int]:
     """The default (data, expert, tensor) for `--devices N`: all devices on "expert" (the experts are ~95% of a
     DeepSeek-V4 model, and EP moves only the k routed rows per token); when E does not divide, the largest
