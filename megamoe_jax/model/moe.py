@@ -101,7 +101,8 @@ class SharedExpert(nnx.Module):
         g = dispatch.linear(x, self.w1.get_value(), name=self.name + ".w1").astype(jnp.float32)
         u = dispatch.linear(x, self.w3.get_value(), name=self.name + ".w3").astype(jnp.float32)
         h = reference.swiglu(g, u, self.swiglu_limit).astype(x.dtype)
-        return dispatch.linear(h, self.w2.get_value(), out_dtype=jnp.float32, name=self.name + ".w2")
+        # [R] rounds the expert's output to the activation dtype before adding it to the fp32 sum
+        return dispatch.linear(h, self.w2.get_value(), name=self.name + ".w2").astype(jnp.float32)
 
 
 class MoE(nnx.Module):
