@@ -18,7 +18,6 @@ import numpy as np
 from flax import nnx
 
 from megamoe_jax.model.model import DeepseekV4
-from megamoe_jax.model.state import DecodeState
 
 
 

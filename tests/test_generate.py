@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import megamoe_jax
-from megamoe_jax.generate import Sampling, bucket, sample
+from megamoe_jax.generate import bucket, sample
 from tests.helpers_tiny import TINY_CONFIGS, hf_greedy, tiny_checkpoint
 
 CFG = TINY_CONFIGS["all_types"]

@@ -4,7 +4,6 @@ the same model code."""
 import json
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import megamoe_jax
 from megamoe_jax.checkpoint.names import canonical_name, expert_of, hf_module_name, layer_of
 from megamoe_jax.checkpoint.reader import CheckpointError
 from megamoe_jax.model.config import tiny
-from tests.helpers_tiny import make_hf_model, rel_err, tiny_checkpoint
+from tests.helpers_tiny import rel_err, tiny_checkpoint
 
 # Small and cheap: one CSA (hash-routed) and one HCA layer.
 CFG = tiny(num_hidden_layers=2, compress_ratios=(4, 16), mlp_layer_types=("hash_moe", "moe"))
