@@ -20,7 +20,6 @@ from flax import nnx
 from megamoe_jax.model.model import DeepseekV4
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """Sampling settings. Only `greedy`, `top_k` and whether top-p is on shape the compiled program; the
