@@ -138,8 +138,9 @@ def load(path: str | os.PathLike, *, dtype=None, param_dtype=None, max_context: 
     dtype: compute / residual-stream dtype (default bf16 on GPU, fp32 on CPU); param_dtype: dtype of the plain
     large weights (default = dtype); quantized weights keep their format. max_context: longest prompt +
     continuation accepted (default max_position_embeddings). mesh: a `jax.sharding.Mesh` with axes among
-    ("data", "expert", "tensor") or a (data, expert, tensor) tuple (see megamoe_jax.sharding.make_mesh): each
-    tensor is read straight into its shards and generation runs expert/tensor parallel; None = one device.
+    ("data", "expert", "tensor"), a (data, expert, tensor) tuple (see megamoe_jax.sharding.make_mesh) or a
+    device count N (all N on "expert" when the experts divide): each tensor is read straight into its shards and
+    generation runs expert/tensor parallel; None = one device.
     """
     path = Path(path)
     ckpt = open_checkpoint(path)
@@ -149,7 +150,7 @@ def load(path: str | os.PathLike, *, dtype=None, param_dtype=None, max_context: 
     place = None
     if mesh is not None:
         from megamoe_jax import sharding
-        mesh = sharding.as_mesh(mesh)
+        mesh = sharding.as_mesh(mesh, num_experts=cfg.n_routed_experts)
         place = functools.partial(sharding.place_param, mesh=mesh)
     report = load_params(module, ckpt, place=place, progress=progress)
     ckpt.close()

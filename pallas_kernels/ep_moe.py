@@ -29,6 +29,7 @@ collective. Padding tokens carry the expert id E, which no rank owns, so they ar
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import jax
@@ -305,7 +306,11 @@ def _unpad_tokens(a, t, dp, per):
 
 
 def default_exchange(mesh) -> str:
-    """"ragged" on GPUs (NCCL), "dense" elsewhere (XLA:CPU has no ragged-all-to-all)."""
+    """"ragged" on GPUs (NCCL), "dense" elsewhere (XLA:CPU has no ragged-all-to-all); the environment variable
+    MEGAMOE_EP_EXCHANGE=ragged|dense overrides it."""
+    forced = os.environ.get("MEGAMOE_EP_EXCHANGE")
+    if forced:
+        return forced
     device = getattr(mesh.abstract_mesh, "abstract_device", None)
     platform = getattr(device, "platform", None) or jax.default_backend()
     return "ragged" if platform in ("gpu", "cuda", "rocm") else "dense"

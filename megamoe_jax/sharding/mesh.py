@@ -40,16 +40,22 @@ def make_mesh(data: int = 1, expert: int = 1, tensor: int = 1, devices=None) -> 
                          devices=devices)
 
 
-def as_mesh(mesh) -> Mesh:
-    """A Mesh from a Mesh (axes checked) or a (data, expert, tensor) tuple."""
+def as_mesh(mesh, *, num_experts: int | None = None) -> Mesh:
+    """A Mesh from a Mesh (axes checked), a (data, expert, tensor) tuple, or a device count N (the default shape
+    `mesh_shape_for(N, num_experts)`, as `megamoe generate --devices N` uses)."""
     if isinstance(mesh, Mesh):
         bad = [a for a in mesh.axis_names if a not in AXES]
         if bad:
             raise ValueError(f"mesh axes must be among {AXES}, got {mesh.axis_names}")
         return mesh
+    if isinstance(mesh, (int, np.integer)) and not isinstance(mesh, bool):
+        if num_experts is None:
+            raise ValueError("a device count as mesh needs num_experts to choose the mesh shape")
+        return make_mesh(*mesh_shape_for(int(mesh), num_experts))
     if isinstance(mesh, (tuple, list)) and len(mesh) == 3:
         return make_mesh(*mesh)
-    raise ValueError(f"mesh must be a jax.sharding.Mesh or a (data, expert, tensor) tuple, got {mesh!r}")
+    raise ValueError(f"mesh must be a jax.sharding.Mesh, a (data, expert, tensor) tuple or a device count, "
+                     f"got {mesh!r}")
 
 
 def mesh_shape_for(n_devices: int, num_experts: int) -> tuple[int, int, int]:
