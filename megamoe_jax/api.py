@@ -42,6 +42,8 @@ class Model:
             raise ValueError(f"max_context={self.max_context} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
         self._gen = Generator(module)
+        if mesh is not None:
+            self._gen.put_batch = self._put_ids
 
     # ---- inputs ------------------------------------------------------------------------------------------
     def _check_ids(self, arr: np.ndarray, what: str) -> None:

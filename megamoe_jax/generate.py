@@ -175,6 +175,7 @@ class Generator:
     def __init__(self, model: DeepseekV4):
         self.graphdef, self.params = nnx.split(model)
         self.config = model.config
+        self.put_batch: Callable = jnp.asarray   # host [B, ...] -> device; a sharded model splits B over "data"
 
     @property
     def traces(self) -> collections.Counter:
@@ -219,7 +220,7 @@ class Generator:
         ids = np.zeros((len(prompts), t_pad), np.int32)
         for b, p in enumerate(prompts):
             ids[b, :len(p)] = p
-        logits, state = self.prefill_fn(max_len)(self.params, jnp.asarray(ids), jnp.asarray(lengths))
+        logits, state = self.prefill_fn(max_len)(self.params, self.put_batch(ids), self.put_batch(lengths))
         decode = self.decode_fn(bucket(max_new_tokens), sampling.static, callback is not None)
         stops = np.full((max(4, -(-len(stop_ids) // 4) * 4),), -1, np.int32)   # padded: no recompile per set
         stops[:len(stop_ids)] = stop_ids
