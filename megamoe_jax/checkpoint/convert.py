@@ -235,38 +235,67 @@ def _split_stacked(e, canonical, x):
 
 
 def quantize_group(items) -> dict:
-    """NVFP4-quantize (module, canonical name, weight) items; fused shards share one global scale.
+    """NVFP4-quantize (module, canonical name, weight) items -> {module: NVFP4Tensor}.
 
-    A lone weight is quantized exactly as `nvfp4.quantize(x)` does in memory (its global scale computed in the
-    weight's own dtype, as compressed-tensors does); a fused group takes the largest amax of its members.
+    A lone weight gets exactly `nvfp4.quantize(x)` (its global scale computed from its amax in its own dtype, as
+    compressed-tensors does); the shards of a fused group share the global scale of their largest amax.
     """
-    from megamoe_jax.quant import nvfp4
     by_key: dict[str, list] = defaultdict(list)
     for module, c, x in items:
         by_key[fused_key(c) or module].append((module, x))
     out = {}
     for members in by_key.values():
-        if len(members) == 1:
-            module, x = members[0]
-            out[module] = nvfp4.quantize(jnp.asarray(x))
-            continue
         g = shared_global_scale([x for _, x in members])
         for module, x in members:
-            out[module] = nvfp4.quantize(jnp.asarray(x), global_scale=g)
+            out[module] = quantize_blocks(x, g)
     return out
 
 
-def shared_global_scale(xs) -> np.ndarray:
-    """One dequant global scale g covering all of `xs` (from the largest finite amax, so no member overflows),
-    computed like `nvfp4.quantize` computes a lone tensor's (compressed-tensors' generate_gparam)."""
+def shared_global_scale(xs) -> np.float32:
+    """The dequant global scale g that `nvfp4.quantize` derives from data, over all of `xs` (largest finite
+    amax, so no member overflows): G from compressed-tensors' generate_gparam in the inputs' dtype, g = 1/G."""
     from megamoe_jax.quant import nvfp4
     amax = np.float32(0)
     for x in xs:
         a = np.abs(np.asarray(x, np.float32))
-        amax = max(amax, np.float32(np.max(np.where(np.isfinite(a), a, 0))))
+        amax = max(amax, np.float32(np.max(np.where(np.isfinite(a), a, 0), initial=0)))
     bf16 = all(np.asarray(x).dtype == ml_dtypes.bfloat16 for x in xs)
-    G = np.asarray(nvfp4.multiplier_from_amax(amax, jnp.bfloat16 if bf16 else jnp.float32), np.float32)
-    return np.float32(1.0) / G
+    G = np.float32(nvfp4.multiplier_from_amax(jnp.float32(amax), jnp.bfloat16 if bf16 else jnp.float32))
+    return np.float32(1.0) / G                           # correctly rounded, as nvfp4.quantize's div_rn
+
+
+_MIN_ROWS = 1 << 12
+
+
+def quantize_blocks(x, g):
+    """`nvfp4.quantize(x, global_scale=g)` for a 2-D weight, bit for bit, at a bounded compile cost.
+
+    NVFP4 blocks are independent given the global scale, so the weight is quantized as rows of 16 elements,
+    zero-padded to a power-of-two row count: one compiled program per size bucket instead of per weight shape.
+    """
+    from megamoe_jax.quant import nvfp4
+    x = np.asarray(x)
+    n, k = x.shape
+    rows = x.size // nvfp4.BLOCK
+    bucket = max(_MIN_ROWS, 1 << (rows - 1).bit_length())
+    flat = np.zeros((bucket, nvfp4.BLOCK), x.dtype)
+    flat[:rows] = x.reshape(rows, nvfp4.BLOCK)
+    t = _quantize_jit(jnp.asarray(flat), jnp.float32(g))
+    packed = np.asarray(t.packed)[:rows].reshape(n, k // 2)
+    scale = np.asarray(t.block_scale)[:rows].reshape(n, k // nvfp4.BLOCK)
+    return nvfp4.NVFP4Tensor(packed, scale, np.asarray(g, np.float32).reshape(()))
+
+
+def _quantize_jit(x, g):
+    from megamoe_jax.quant import nvfp4
+    global _QJIT
+    if _QJIT is None:
+        import jax
+        _QJIT = jax.jit(lambda x, g: nvfp4.quantize(x, global_scale=g))
+    return _QJIT(x, g)
+
+
+_QJIT = None
 
 
 def _reencode_nvfp4(ckpt, e: formats.Entry, convention, keep_inputs) -> dict:

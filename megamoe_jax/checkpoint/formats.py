@@ -328,10 +328,14 @@ def global_scale(ckpt: CheckpointFiles, e: Entry, role: str = "global_scale") ->
     return v
 
 
-def _squeeze_scale(v: np.ndarray, lead: tuple[int, ...]) -> np.ndarray:
+def _weight_scale_shape(v: np.ndarray, lead: tuple[int, ...]) -> np.ndarray:
+    """g as NVFP4Tensor.global_scale: packed.ndim-1 dims, each 1 or equal ([1] for a 2-D weight, [E, 1] per expert).
+
+    Keeping the row dim (rather than a 0-d scalar) lets the params builder stack per-expert weights into the
+    [E, 1] per-expert layout with a plain tree-wide stack."""
     if v.size == 1:
-        return v.reshape(())
-    return v.reshape(lead + (1,) * (1 if lead else 0))      # per expert: [E, 1], broadcast over rows
+        return v.reshape((1,) * (len(lead) + 1))
+    return v.reshape(lead + (1,))
 
 
 def read_weight(ckpt: CheckpointFiles, name: str, *, activation_scales: str | None = None):
@@ -352,7 +356,7 @@ def read_weight(ckpt: CheckpointFiles, name: str, *, activation_scales: str | No
     bs = ckpt.get(e.parts["block_scale"])
     if e.kind == NVFP4:
         lead = w.shape[:-2]
-        g = _squeeze_scale(global_scale(ckpt, e), lead)
+        g = _weight_scale_shape(global_scale(ckpt, e), lead)
         ga = None
         if activation_scales == "checkpoint" and "input_scale" in e.parts:
             ga = global_scale(ckpt, e, "input_scale")
@@ -417,17 +421,18 @@ def read_options(ckpt: CheckpointFiles) -> dict:
 
 def set_read_options(ckpt: CheckpointFiles, *, activation_scales: str | None = None,
                      bad_scales: str | None = None) -> CheckpointFiles:
-    """activation_scales: "checkpoint" | "drop"; bad_scales: "raise" (default) | "repair" (wrong activation scales
-    are reported as warnings and the affected modules run W4A16 until calibration rewrites them; bad *weight*
-    scales always raise)."""
+    """activation_scales: "checkpoint" | "drop".
+    bad_scales: "raise" (default) | "repair": wrong activation scales are reported as a warning and the affected
+    modules run W4A16 until calibration rewrites them | "allow": reported, but used as stored (experiments: the
+    saturating quantizer keeps the forward finite). Bad *weight* scales always raise."""
     opts = read_options(ckpt)
     if activation_scales is not None:
         if activation_scales not in ("checkpoint", "drop"):
             raise ValueError(f"activation_scales must be 'checkpoint' or 'drop', not {activation_scales!r}")
         opts["activation_scales"] = activation_scales
     if bad_scales is not None:
-        if bad_scales not in ("raise", "repair"):
-            raise ValueError(f"bad_scales must be 'raise' or 'repair', not {bad_scales!r}")
+        if bad_scales not in ("raise", "repair", "allow"):
+            raise ValueError(f"bad_scales must be 'raise', 'repair' or 'allow', not {bad_scales!r}")
         opts["bad_scales"] = bad_scales
         ckpt._scale_report = None
     return ckpt
@@ -439,9 +444,10 @@ def _ensure_validated(ckpt: CheckpointFiles) -> None:
     from megamoe_jax.checkpoint import validate
     report = validate.scale_report(ckpt)
     opts = read_options(ckpt)
-    if opts["bad_scales"] == "repair":
+    if opts["bad_scales"] in ("repair", "allow"):
         report.raise_if_bad(allow_repairable=True)
-        opts["bad_input_scales"] = {i.weight for i in report.issues if i.repairable}
+        if opts["bad_scales"] == "repair":
+            opts["bad_input_scales"] = {i.weight for i in report.issues if i.repairable}
         if report.issues:
             warnings.warn(str(report), stacklevel=3)
     else:
