@@ -132,3 +132,74 @@ def test_ignore_pattern_semantics():
     assert formats.matches("mtp.0.ffn.experts.1.w1", ["mtp.*"])
     assert formats.matches("lm_head", ["lm_head"]) and formats.matches("model.lm_head", ["lm_head"])
     assert not formats.matches("lm_head_x", ["lm_head"])
+
+
+# ---- decoding against independent numpy references --------------------------------------------------------
+
+E2M1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+def _unpack(packed):
+    p = np.asarray(packed).view(np.uint8)
+    return E2M1[np.stack([p & 0xF, p >> 4], axis=-1).reshape(p.shape[:-1] + (-1,))]
+
+
+def test_decode_deepseek_fp8_and_mxfp4(tmp_path):
+    rng = np.random.default_rng(4)
+    n, k = 200, 320                                     # ragged 128-blocks on both dims
+    w = (rng.standard_normal((n, k)) * 50).astype(np.float32).astype(E4M3)
+    sb = rng.integers(110, 135, (2, 3)).astype(np.uint8)
+    pe = rng.integers(0, 256, (40, 48), dtype=np.uint8)     # MXFP4 [40, 96]
+    se = rng.integers(100, 140, (40, 3)).astype(np.uint8)
+    t = {"layers.0.attn.wq_a.weight": w, "layers.0.attn.wq_a.scale": sb.view(E8M0),
+         "layers.0.attn.wkv.weight": w, "layers.0.attn.wkv.scale": np.ldexp(1.0, sb.astype(int) - 127).astype(
+             np.float32) * 1.5,                             # "-Base": fp32 block scales
+         "layers.0.ffn.experts.0.w1.weight": pe.view(np.int8), "layers.0.ffn.experts.0.w1.scale": se.view(E8M0)}
+    ck = open_checkpoint(save(tmp_path, t, FP8_CONFIG))
+    got = np.asarray(formats.read_weight(ck, "layers.0.attn.wq_a.weight").dequantize())
+    full = np.repeat(np.repeat(np.ldexp(1.0, sb.astype(int) - 127), 128, 0), 128, 1)[:n, :k]
+    np.testing.assert_array_equal(got, w.astype(np.float32) * full)
+    got = np.asarray(formats.read_weight(ck, "layers.0.attn.wkv.weight").dequantize())
+    np.testing.assert_array_equal(got, w.astype(np.float32) * (full * 1.5).astype(np.float32))
+    got = np.asarray(formats.read_weight(ck, "layers.0.ffn.experts.0.w1.weight").dequantize())
+    ref = _unpack(pe) * np.repeat(np.ldexp(1.0, se.astype(int) - 127), 32, 1)
+    np.testing.assert_array_equal(got, ref.astype(np.float32))
+    # E8M0 NaN (0xFF) is refused with the tensor's name
+    t["layers.0.attn.wq_a.scale"] = np.array([[255, 127, 127], [127, 127, 127]], np.uint8).view(E8M0)
+    ck = open_checkpoint(save(tmp_path / "nan", t, FP8_CONFIG))
+    with pytest.raises(CheckpointError, match=r"'layers\.0\.attn\.wq_a\.scale':.*0xFF"):
+        formats.read_weight(ck, "layers.0.attn.wq_a.weight")
+
+
+def test_decode_nvfp4_both_conventions(tmp_path):
+    rng = np.random.default_rng(5)
+    p, bs, g = nvfp4_parts(rng, 24, 96, amax=3.0)
+    ga = np.float32(0.75) / np.float32(2688)
+    ref = (_unpack(p).reshape(24, 6, 16) * bs.astype(np.float32)[..., None]).reshape(24, 96) * g
+    ct = open_checkpoint(save(tmp_path / "ct", ct_module("layers.0.ffn.experts.0.w2", p, bs, g, ga), CT_CONFIG))
+    mo = open_checkpoint(save(tmp_path / "mo", mo_module("layers.0.ffn.experts.0.w2", p, bs, g, ga), MO_CONFIG,
+                              hf_quant_config=MO_HF_QUANT))
+    for ck in (ct, mo):
+        t = formats.read_weight(ck, "layers.0.ffn.experts.0.w2.weight")
+        assert t.shape == (24, 96) and t.global_scale.shape == (1,) and t.input_scale.shape == ()
+        np.testing.assert_array_equal(np.asarray(t.dequantize()), ref.astype(np.float32))
+        np.testing.assert_allclose(float(t.input_scale), ga, rtol=1e-7)
+        assert formats.read_weight(ck, "layers.0.ffn.experts.0.w2.weight",
+                                   activation_scales="drop").input_scale is None
+    t = formats.read_weight(ct, "layers.0.ffn.experts.0.w2.weight")
+    # compressed-tensors' stored multiplier is kept for exact W4A4 activation codes
+    assert np.float32(t.input_multiplier) == ct.get("layers.0.ffn.experts.0.w2.input_global_scale")[0]
+    assert formats.read_weight(mo, "layers.0.ffn.experts.0.w2.weight").input_multiplier is None
+
+
+def test_iter_weights_streams_layers(tmp_path):
+    rng = np.random.default_rng(6)
+    t = {}
+    for layer in range(3):
+        for e in range(2):
+            t.update(mo_module(f"layers.{layer}.ffn.experts.{e}.w1", *nvfp4_parts(rng, 16, 32), g_in=0.1))
+        t[f"layers.{layer}.attn_norm.weight"] = np.ones(16, BF16)
+    ck = open_checkpoint(save(tmp_path, t, MO_CONFIG, hf_quant_config=MO_HF_QUANT, shards=3))
+    got = dict(formats.iter_weights(ck, progress=False))
+    assert sorted(got) == formats.weight_names(ck) and len(got) == 9
+    assert not ck._maps                                          # every shard unmapped at the end

@@ -31,7 +31,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import ml_dtypes
 import numpy as np
 
 from megamoe_jax.checkpoint.reader import CheckpointError, CheckpointFiles
@@ -357,28 +356,24 @@ def read_weight(ckpt: CheckpointFiles, name: str, *, activation_scales: str | No
     if e.kind == NVFP4:
         lead = w.shape[:-2]
         g = _weight_scale_shape(global_scale(ckpt, e), lead)
-        ga = None
-        if activation_scales == "checkpoint" and "input_scale" in e.parts:
+        ga = gm = None
+        if activation_scales == "checkpoint" and "input_scale" in e.parts and name not in opts["bad_input_scales"]:
+            # (a scale refused by validation and left for calibration is dropped: the module runs W4A16)
             ga = global_scale(ckpt, e, "input_scale")
-            ga = ga.reshape(()) if ga.size == 1 else ga.reshape(lead)
-            if name in opts["bad_input_scales"]:
-                ga = None           # refused by validation, left for calibration: run this module W4A16
-        return quant.NVFP4Tensor(w, bs, g, ga)
-    if e.kind == MXFP4:
-        return quant.MXFP4Tensor(w.view(np.uint8), bs.view(np.uint8))
-    # FP8 block: E8M0 exponent bytes (or fp32 / bf16 scales of "-Base" and compressed-tensors) -> float32.
-    if ckpt.dtype(e.parts["block_scale"]) in ("F8_E8M0", "U8"):
-        scale = e8m0_to_float32(bs)
-    else:
-        scale = np.asarray(bs, np.float32)
-    return quant.FP8BlockTensor(w, scale)
-
-
-def e8m0_to_float32(b: np.ndarray) -> np.ndarray:
-    """2**(byte - 127); 0xFF is E8M0's NaN."""
-    b = np.asarray(b).view(np.uint8)
-    out = np.ldexp(np.float32(1.0), b.astype(np.int32) - 127).astype(np.float32)
-    return np.where(b == 255, np.float32(np.nan), out)
+            shape = () if ga.size == 1 else lead
+            ga = ga.reshape(shape)
+            if e.convention == CT:      # the stored multiplier G_a itself, so W4A4 codes match CT / vLLM exactly
+                gm = np.asarray(ckpt.get(e.parts["input_scale"]), np.float32).reshape(shape)
+        return quant.NVFP4Tensor(w, bs, g, ga, gm)
+    try:
+        if e.kind == MXFP4:
+            return quant.MXFP4Tensor(w.view(np.uint8), bs.view(np.uint8))
+        # FP8 block: E8M0 exponent bytes, or the fp32 / bf16 scales of "-Base" and compressed-tensors.
+        if ckpt.dtype(e.parts["block_scale"]) in ("F8_E8M0", "U8"):
+            return quant.FP8BlockTensor.from_e8m0(w, bs)
+        return quant.FP8BlockTensor.from_float(w, bs)
+    except ValueError as err:
+        raise _err(ckpt, e.parts["block_scale"], str(err)) from err
 
 
 def iter_weights(ckpt: CheckpointFiles, names: list[str] | None = None, *, progress: bool | None = None,
@@ -453,8 +448,3 @@ def _ensure_validated(ckpt: CheckpointFiles) -> None:
     else:
         report.raise_if_bad()
     ckpt._scale_report = report
-
-
-def e4m3(x) -> np.ndarray:
-    """float32 -> float8_e4m3fn bytes with saturation (ml_dtypes' cast does not saturate)."""
-    return np.clip(np.asarray(x, np.float32), -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn)
