@@ -235,6 +235,21 @@ def comm_row(cfg: ModelConfig, model: str, mesh_shape, *, act_bytes: int = 2, co
                    layers=cfg.num_hidden_layers)
 
 
+def ep_buffer_bytes(cfg: ModelConfig, tokens: int, mesh_shape, *, act_bytes: int = 2) -> int:
+    """Transient bytes per device of one expert-parallel MoE call over `tokens` tokens of one data group.
+
+    Static shapes sized for the worst case (nothing dropped): each rank's chunk C = ceil(tokens/ep) gives
+    M = C*k rows to send and a receive buffer of R = ep*M rows; the experts then hold gate/up [R, I/tp] fp32,
+    the down output [R, D] fp32, and the combine buffer [M, D] fp32."""
+    _, ep, tp = mesh_shape
+    d, k = cfg.hidden_size, cfg.num_experts_per_tok
+    i = cfg.moe_intermediate_size // tp
+    m = -(-tokens // ep) * k
+    r = ep * m
+    width = d + 4 // act_bytes
+    return (m + r) * width * act_bytes + r * (2 * i + d) * 4 + m * d * 4
+
+
 # ---- tables -------------------------------------------------------------------------------------------------
 
 HARDWARE = {"2xH200": [(1, 2, 1), (1, 1, 2)], "4xH100": [(1, 4, 1), (1, 2, 2)],
@@ -293,6 +308,13 @@ def main(argv=None) -> None:
     print(format_memory(memory_table(batch=a.batch, context=a.context), a.batch, a.context))
     print("\n## Communication per decoded token (bf16 activations, fp32 combine)\n")
     print(format_comm(comm_table()))
+    print("\n## Transient expert-parallel buffers per device (one MoE layer, bf16 activations)\n")
+    print("| model | mesh (d,e,t) | tokens per data group | GiB |")
+    print("|---|---|---|---|")
+    for model, make in MODELS.items():
+        for ms in [(1, 8, 1), (1, 4, 2)]:
+            for tokens in (64, 2048, 8192):
+                print(f"| {model} | {ms} | {tokens} | {ep_buffer_bytes(make(), tokens, ms) / GIB:.2f} |")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ replicated, except the routed experts' E, which must divide by the "expert" size
 | embed, head                                 | [V, D]                | (tensor, None)            | vocab rows over tensor |
 | *.ffn.experts.w1/w3                         | [E, I, D]             | (expert, tensor, None)    | E/ep experts per device; I over tensor when I/tp is block aligned |
 | *.ffn.experts.w2                            | [E, D, I]             | (expert, None, tensor)    | same split of I (row-parallel inside the expert) |
-| *.ffn.experts.w13 (fused)                   | [E, 2I, D]            | (expert, None, None)      | a tensor split would cut w1 from w3 |
 | *.ffn.shared_experts.w1/w3                  | [I, D]                | (tensor, None)            | column-parallel |
 | *.ffn.shared_experts.w2                     | [D, I]                | (None, tensor)            | row-parallel (XLA adds the all-reduce) |
 | *.attn.wq_b                                 | [H*hd, Rq]            | (tensor, None)            | query heads |
@@ -50,7 +49,6 @@ RULES: tuple[Rule, ...] = (
     Rule(r".*\.ffn\.experts\.w1", (EXPERT, TENSOR, None), "E over expert, I over tensor", expert="w1"),
     Rule(r".*\.ffn\.experts\.w3", (EXPERT, TENSOR, None), "E over expert, I over tensor", expert="w3"),
     Rule(r".*\.ffn\.experts\.w2", (EXPERT, None, TENSOR), "E over expert, I over tensor", expert="w2"),
-    Rule(r".*\.ffn\.experts\.w13", (EXPERT, None, None), "fused gate/up: E over expert only"),
     Rule(r".*\.ffn\.shared_experts\.w[13]", (TENSOR, None), "column-parallel"),
     Rule(r".*\.ffn\.shared_experts\.w2", (None, TENSOR), "row-parallel"),
     Rule(r".*\.attn\.wq_b", (TENSOR, None), "query heads"),
@@ -83,5 +81,6 @@ def param_specs(name: str, w, mesh) -> list[P]:
 def markdown_table() -> str:
     rows = ["| pattern | spec | why |", "|---|---|---|"]
     for r in RULES:
-        rows.append(f"| `{r.pattern}` | {r.spec or 'replicated'} | {r.why} |")
+        pattern = r.pattern.replace("|", "\\|")
+        rows.append(f"| `{pattern}` | {r.spec or 'replicated'} | {r.why} |")
     return "\n".join(rows)
