@@ -486,8 +486,10 @@ def _launch(x, packs, scales, row_scales, group_sizes, route_weight, out_dtype, 
     m, k = x.shape
     e, n, _ = packs[0].shape
     tm = cfg.tile_m
-    # Activation windows may run past row m (TMA zero-fills them on the GPU); interpret mode needs real rows.
-    mp = max(m, tm) if not interpret else (m + 7) // 8 * 8 + tm
+    # TMA needs the row count a multiple of its 8-row tile; activation windows may run past row m (TMA
+    # zero-fills them on the GPU, interpret mode needs real rows). Padding copies x only when m % 8 != 0.
+    m8 = (m + 7) // 8 * 8
+    mp = max(m8, tm) if not interpret else m8 + tm
     xp = x if mp == m else jnp.pad(x, ((0, mp - m), (0, 0)))
     items, count = build_work_list(group_sizes, m, tm)
     per_row = any(r.shape[1] != 1 for r in row_scales)
@@ -511,3 +513,16 @@ def _launch(x, packs, scales, row_scales, group_sizes, route_weight, out_dtype, 
     )
     out = kernel(*args)
     return out if mp == m else out[:m]
+
+
+def grouped_linear(x: jax.Array, w, group_sizes: jax.Array, *, out_dtype=None, config: Config | None = None,
+                   interpret: bool = False) -> jax.Array:
+    """`reference.grouped_linear` for an NVFP4Tensor weight [E, N, K] (W4A16, or W4A4 with its input_scale)."""
+    return grouped_matmul(x, w.packed, w.block_scale, w.global_scale, group_sizes, input_scale=w.input_scale,
+                          out_dtype=out_dtype, config=config, interpret=interpret)
+
+
+def reference(x: jax.Array, w, group_sizes: jax.Array, *, out_dtype=None) -> jax.Array:
+    """What `grouped_linear` computes, from pallas_kernels/reference.py (fp32, dequantized weights)."""
+    from pallas_kernels import reference as ref
+    return ref.grouped_linear(x, w, group_sizes, out_dtype=out_dtype)

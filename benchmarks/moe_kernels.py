@@ -1,0 +1,192 @@
+"""Benchmark of the NVFP4 MoE kernels on one Hopper GPU, with the ceilings and baselines measured in the same run.
+
+Shapes: DeepSeek-V4-Flash routed experts (hidden 4096, moe_intermediate 2048, 256 experts, top-6), expert
+popularity drawn from Dirichlet(0.3) (a skewed, realistic load). Decode T in {1, 8, 64, 256}, prefill {2048, 8192}.
+
+    PYTHONPATH=. python benchmarks/moe_kernels.py [--tokens 1,8,64,256,2048,8192] [--sections ...] [--out DIR]
+
+Sections: ceilings (device copy, bf16 matmul), grouped (our grouped matmul on the gate/up shape, N = 2 x 2048,
+plus the baselines: lax.ragged_dot bf16, Pallas ragged_dot_mgpu bf16, XLA dequantize + ragged_dot, tokamax when
+importable), fused (the whole routed-expert block), actquant (the activation quantizer at 8192 x 4096).
+Times are medians of CUPTI-measured GPU time (all kernels of the call), over several routings so that repeated
+runs do not sit in L2. Out-of-memory and other failures are caught and reported as such. Prints a table and
+writes results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HIDDEN, INTER, EXPERTS, TOPK = 4096, 2048, 256, 6
+NVFP4_BYTES = 0.5625          # 4-bit code + one E4M3 byte per 16 weights
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Inputs
+
+def routing(t: int, seed: int, alpha: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """topk_idx [T, 6] (distinct experts per token) drawn with Dirichlet(alpha) popularity; routing weights."""
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.full(EXPERTS, alpha))
+    gumbel = -np.log(-np.log(rng.random((t, EXPERTS))))
+    idx = np.argsort(-(np.log(p + 1e-30) + gumbel), axis=1)[:, :TOPK].astype(np.int32)
+    w = rng.random((t, TOPK)).astype(np.float32)
+    return idx, w / w.sum(1, keepdims=True)
+
+
+def group_sizes_of(idx: np.ndarray) -> np.ndarray:
+    return np.bincount(idx.reshape(-1), minlength=EXPERTS).astype(np.int32)
+
+
+def random_nvfp4(key, e: int, n: int, k: int):
+    """A random NVFP4 weight [E, N, K] with realistic block scales (quantized from Gaussian data)."""
+    from megamoe_jax.quant import nvfp4
+    w = jax.random.normal(key, (e, n, k), jnp.bfloat16) * 0.02
+    out = []
+    for i in range(0, e, 16):     # quantize in slices to bound the f32 temporaries
+        out.append(nvfp4.quantize(w[i:i + 16], batch_dims=1))
+    del w
+    packed = jnp.concatenate([t.packed for t in out])
+    scale = jnp.concatenate([t.block_scale for t in out])
+    g = jnp.concatenate([t.global_scale for t in out])
+    return nvfp4.NVFP4Tensor(packed, scale, g)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Timing
+
+def measure(f, *argsets, iterations: int = 5) -> float:
+    """Median GPU time (ms) of f over `iterations` runs for each argument set (CUPTI: kernel time only)."""
+    from jax.experimental.mosaic.gpu import profiler
+    times = []
+    for args in argsets:
+        jax.block_until_ready(f(*args))                       # compile + warm up
+        _, ts = profiler.measure(f, iterations=iterations)(*args)
+        times.extend(ts)
+    return statistics.median(times)
+
+
+def safe(fn, *a, **kw):
+    """Run a measurement; on OOM or any failure return the error text instead of crashing the run."""
+    try:
+        return fn(*a, **kw)
+    except Exception as e:  # noqa: BLE001 - a benchmark reports failures, it does not stop on them
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        kind = "OOM" if ("RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()) else "error"
+        print(f"    [{kind}] {msg}", flush=True)
+        if kind == "error" and os.environ.get("BENCH_TRACEBACK"):
+            traceback.print_exc()
+        return f"{kind}: {msg}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sections
+
+def ceilings(res):
+    x = jnp.ones((1 << 30,), jnp.bfloat16)                   # 2 GiB
+    f = jax.jit(lambda a: a * 2)
+    ms = measure(f, (x,))
+    res["copy_tbps"] = 2 * x.nbytes / (ms * 1e-3) / 1e12
+    del x
+    a = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.bfloat16)
+    b = jax.random.normal(jax.random.PRNGKey(1), (8192, 8192), jnp.bfloat16)
+    ms = measure(jax.jit(jnp.dot), (a, b))
+    res["matmul_tflops"] = 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
+    print(f"ceilings: copy {res['copy_tbps']:.2f} TB/s (read+write), bf16 matmul {res['matmul_tflops']:.0f} TFLOP/s",
+          flush=True)
+
+
+def grouped(res, tokens, baselines: bool, n_routings: int = 3):
+    from megamoe_jax.quant import nvfp4
+    from pallas_kernels import grouped_matmul as gm
+    n, k = 2 * INTER, HIDDEN
+    w = random_nvfp4(jax.random.PRNGKey(0), EXPERTS, n, k)
+    wb = None
+    rows = []
+    for t in tokens:
+        m = t * TOPK
+        sets, touched = [], []
+        for r in range(n_routings):
+            idx, _ = routing(t, seed=100 * t + r)
+            gs = group_sizes_of(idx)
+            touched.append(int((gs > 0).sum()))
+            x = (jax.random.normal(jax.random.PRNGKey(r), (m, k), jnp.float32)).astype(jnp.bfloat16)
+            sets.append((x, jnp.asarray(gs)))
+        e_touched = statistics.median(touched)
+        wbytes = e_touched * n * k * NVFP4_BYTES
+        io = m * k * 2 + m * n * 2
+        flops = 2 * m * n * k
+        row = dict(T=t, rows=m, experts_touched=e_touched, weight_bytes=wbytes, flops=flops)
+        # Weights are passed as arguments (a closure would embed GBs of constants in the program).
+        f = jax.jit(lambda x, gs, w: gm.grouped_linear(x, w, gs))
+        ms = safe(measure, f, *[(x, gs, w) for x, gs in sets])
+        row["ours_ms"] = ms
+        if isinstance(ms, float):
+            row["ours_tbps"] = (wbytes + io) / (ms * 1e-3) / 1e12
+            row["ours_tflops"] = flops / (ms * 1e-3) / 1e12
+        if baselines:
+            if wb is None:
+                wb = jnp.swapaxes(nvfp4.dequantize(w, jnp.bfloat16), 1, 2)      # [E, K, N] bf16, 8.6 GB
+                jax.block_until_ready(wb)
+            with_wb = [(x, gs, wb) for x, gs in sets]
+            rd = jax.jit(lambda x, gs, wb: jax.lax.ragged_dot(x, wb, gs))
+            row["ragged_dot_bf16_ms"] = safe(measure, rd, *with_wb)
+            row["ragged_dot_mgpu_bf16_ms"] = safe(measure, _mgpu_ragged(), *with_wb)
+            xla = jax.jit(lambda x, gs, w: jax.lax.ragged_dot(
+                x, jnp.swapaxes(nvfp4.dequantize(w, jnp.bfloat16), 1, 2), gs))
+            row["xla_dequant_ragged_dot_ms"] = safe(measure, xla, *[(x, gs, w) for x, gs in sets])
+            row["tokamax_ms"] = safe(_tokamax, with_wb)
+        rows.append(row)
+        print("grouped", {kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in row.items()}, flush=True)
+    res["grouped"] = rows
+
+
+def _mgpu_ragged():
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+    return jax.jit(lambda x, gs, wb: ragged_dot_mgpu.ragged_dot(
+        x, wb, group_sizes=gs, block_m=64, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1))
+
+
+def _tokamax(sets):
+    try:
+        import tokamax
+    except Exception as e:  # noqa: BLE001
+        return f"unavailable: {type(e).__name__}: {str(e)[:100]}"
+    f = jax.jit(lambda x, gs, wb: tokamax.ragged_dot(x, wb, gs, implementation="mosaic"))
+    return measure(f, *sets)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", default="1,8,64,256,2048,8192")
+    ap.add_argument("--sections", default="ceilings,grouped")
+    ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args(argv)
+    tokens = [int(t) for t in args.tokens.split(",")]
+    dev = jax.devices()[0]
+    res = dict(device=dev.device_kind, date=datetime.date.today().isoformat(), jax=jax.__version__)
+    print(f"device: {dev.device_kind}  jax {jax.__version__}  {res['date']}", flush=True)
+    sections = args.sections.split(",")
+    if "ceilings" in sections:
+        ceilings(res)
+    if "grouped" in sections:
+        grouped(res, tokens, baselines=not args.no_baselines)
+    with open(os.path.join(args.out, "results.json"), "w") as fh:
+        json.dump(res, fh, indent=1, default=str)
+    return res
+
+
+if __name__ == "__main__":
+    main()
