@@ -118,3 +118,13 @@ def test_repair_mode_drops_bad_input_scales(tmp_path):
     with pytest.warns(UserWarning, match="wrong convention"):
         formats._ensure_validated(ck)
     assert formats.read_options(ck)["bad_input_scales"] == {"layers.0.attn.wq_a.weight"}
+
+
+def test_describe_reports_formats_and_scale_problems(tmp_path):
+    from megamoe_jax.checkpoint.info import describe
+    _raw(tmp_path / "ck", "ct", "layers.0.attn.wq_a", G_SMALL)
+    info = describe(tmp_path / "ck")
+    assert info.kinds == {"nvfp4 (compressed-tensors)": 1} and info.w4a4 == 1 and info.shards == 1
+    assert not info.scales.ok
+    text = str(info)
+    assert "layers.0.attn.wq_a.input_global_scale" in text and "wrong convention" in text and "W4A4" in text

@@ -248,3 +248,26 @@ def test_failures_leave_nothing_behind(src, tmp_path, monkeypatch):
             CV.convert(src, tmp_path / "x", progress=False, **bad)
     with pytest.raises(ValueError, match="must differ"):
         CV.convert(src, src)
+
+
+def test_streaming_peak_host_memory(tmp_path):
+    """Host (numpy) allocations while converting stay near one output shard plus one layer, far below the
+    checkpoint: sources are memory-mapped, layers are converted one at a time, shards are written as they fill."""
+    import tracemalloc
+    rng = np.random.default_rng(9)
+    layers, experts = 8, 8
+    t = {f"layers.{i}.ffn.experts.{e}.{p}.weight": rng.standard_normal((64, 512)).astype(BF16)
+         for i in range(layers) for e in range(experts) for p in ("w1", "w2", "w3")}
+    total = sum(v.nbytes for v in t.values())
+    src = save(tmp_path / "src", t, {"model_type": "deepseek_v4"}, shards=4)
+    del t
+    CV.convert(src, tmp_path / "warm", progress=False)                 # compile outside the measurement
+    shard = 256 * 1024
+    tracemalloc.start()
+    try:
+        CV.convert(src, tmp_path / "out", max_shard_bytes=shard, progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < shard + total // layers, (peak, total)
+    assert len(open_checkpoint(tmp_path / "out").headers) > 4

@@ -101,12 +101,12 @@ def convert(src, dst, to: str = "nvfp4", scope: str = "experts", ignore=(), cali
         m = _LAYER.match(canonical_name(name))
         groups[m.group(1) if m else ""].append(name)
     order = sorted(groups, key=_group_order)
-    keep_inputs = to == "nvfp4" and calibrate is None and _all_nvfp4_keep_inputs(ckpt, lay, scope, ignore)
+    targets = {n for n, e in lay.items() if to == "nvfp4" and _targets(e, ckpt, scope, ignore)}
+    keep_inputs = to == "nvfp4" and calibrate is None and _all_nvfp4_keep_inputs(lay, targets)
     out = _Out([], [], [], [])
     with W.CheckpointWriter(dst, max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress) as wr:
         for g in order:
-            tensors = _convert_group(ckpt, [lay[n] for n in groups[g]], to, scope, ignore, convention,
-                                     keep_inputs, out)
+            tensors = _convert_group(ckpt, [lay[n] for n in groups[g]], to, targets, convention, keep_inputs, out)
             wr.add_all(tensors)
             ckpt.release()
         for f in ckpt.extra_files():
@@ -149,10 +149,10 @@ def _targets(e: formats.Entry, ckpt, scope, ignore) -> bool:
     return True
 
 
-def _all_nvfp4_keep_inputs(ckpt, lay, scope, ignore) -> bool:
+def _all_nvfp4_keep_inputs(lay, targets) -> bool:
     """Keep the source's activation scales only when every NVFP4 module of the output will have one."""
     nv = [e for e in lay.values() if e.kind == formats.NVFP4]
-    new = [e for e in lay.values() if _targets(e, ckpt, scope, ignore)]
+    new = targets
     with_in = [e for e in nv if "input_scale" in e.parts]
     if with_in and (new or len(with_in) != len(nv)):
         warnings.warn(f"{len(with_in)} source activation scales dropped: the new NVFP4 modules have none, so the "
@@ -161,7 +161,7 @@ def _all_nvfp4_keep_inputs(ckpt, lay, scope, ignore) -> bool:
     return bool(with_in)
 
 
-def _convert_group(ckpt: CheckpointFiles, entries, to, scope, ignore, convention, keep_inputs, out: _Out) -> dict:
+def _convert_group(ckpt: CheckpointFiles, entries, to, targets, convention, keep_inputs, out: _Out) -> dict:
     tensors: dict[str, np.ndarray] = {}
     fresh: list[tuple[str, str, np.ndarray]] = []     # (file module, canonical, weight) to quantize
     for e in entries:
@@ -173,7 +173,7 @@ def _convert_group(ckpt: CheckpointFiles, entries, to, scope, ignore, convention
                 tensors[e.name] = np.asarray(w.dequantize(jnp.float32)).astype(ml_dtypes.bfloat16)
                 out.plain_linear.append(e.module)
             continue
-        if _targets(e, ckpt, scope, ignore):
+        if e.name in targets:
             x = _source(ckpt, e)
             c = canonical_name(e.name)
             if x.ndim == 3:
