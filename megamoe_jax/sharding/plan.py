@@ -186,7 +186,7 @@ def memory_row(cfg: ModelConfig, model: str, recipe: str, hardware: str, mesh_sh
             other += local
     # The decode state is split over "data" only (one shared K=V head: nothing to split over tensor).
     state = decode_state_bytes(cfg, batch, context) // mesh_shape[0]
-    count, card = hardware.split("x")
+    card = hardware.split("x")[1]
     return MemoryRow(model, recipe, hardware, tuple(mesh_shape), total, expert, other, state, CARDS[card])
 
 
