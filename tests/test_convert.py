@@ -271,3 +271,22 @@ def test_streaming_peak_host_memory(tmp_path):
         tracemalloc.stop()
     assert peak < shard + total // layers, (peak, total)
     assert len(open_checkpoint(tmp_path / "out").headers) > 4
+
+
+def test_convert_with_calibration_publishes_w4a4(src, tmp_path):
+    from megamoe_jax import calibrate as C
+    ids = np.random.default_rng(1).integers(0, CFG.vocab_size, (4, 32))
+    dst = CV.convert(src, tmp_path / "w4a4", scope="experts", calibrate=ids, progress=False,
+                     calibrate_options={"file": False})
+    ck = open_checkpoint(dst)
+    nv = _nv(ck)
+    assert nv and all("input_scale" in e.parts for e in nv.values())
+    assert ck.config["quantization_config"]["config_groups"]["group_0"]["input_activations"] is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w4a4"]          # staged, calibrated, then published
+    # calibrating into a separate output leaves the source checkpoint as it was
+    before = {n: np.asarray(ck.get(n)).copy() for n in ck.keys() if n.endswith("input_global_scale")}
+    res = C.calibrate(dst, ids[:2], out=tmp_path / "again", file=False)
+    assert res.path == tmp_path / "again"
+    for n, v in before.items():
+        np.testing.assert_array_equal(open_checkpoint(dst).get(n), v)
+    assert open_checkpoint(tmp_path / "again").keys() == ck.keys()
