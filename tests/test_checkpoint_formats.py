@@ -88,7 +88,8 @@ def test_bad_tensors_are_named(tmp_path):
         # orphan companion (extra tensor)
         ({**base, "l.w9.input_scale": np.float32(1)}, r"'l\.w9\.input_scale': quantization tensor without a weight"),
         # extra tensor for a quantized module
-        ({**base, "l.w1.input_global_scale": np.ones(1, np.float32)}, r"'l\.w1\.input_global_scale': unexpected tensor for a nvfp4 \(modelopt\)"),
+        ({**base, "l.w1.input_global_scale": np.ones(1, np.float32)},
+         r"'l\.w1\.input_global_scale': unexpected tensor for a nvfp4 \(modelopt\)"),
         # packed weight with the wrong dtype
         ({"l.w1.weight_packed": p.view(np.int8), "l.w1.weight_scale": bs, "l.w1.weight_global_scale":
           np.ones(1, np.float32)}, r"weight_packed must be U8, found I8"),

@@ -128,3 +128,16 @@ def test_describe_reports_formats_and_scale_problems(tmp_path):
     assert not info.scales.ok
     text = str(info)
     assert "layers.0.attn.wq_a.input_global_scale" in text and "wrong convention" in text and "W4A4" in text
+
+
+def test_block_scale_max_on_raw_bytes():
+    rng = np.random.default_rng(9)
+    v = rng.uniform(0, 448, 1000).astype(np.float32).astype(E4M3)
+    assert validate.block_scale_max(v) == float(v.astype(np.float32).max())
+    v[3] = -0.0
+    assert validate.block_scale_max(v) == float(v.astype(np.float32).max())
+    v[5] = -2.0
+    assert np.isnan(validate.block_scale_max(v))
+    w = np.array([1.0, 2.0], np.float32).astype(E4M3)
+    assert validate.block_scale_max(w) == 2.0
+    assert np.isnan(validate.block_scale_max(np.array([0x7F, 0x10], np.uint8).view(E4M3)))

@@ -36,8 +36,10 @@ def _nv(ck):
 
 def _same(t, ref):
     np.testing.assert_array_equal(np.asarray(t.packed), np.asarray(ref.packed))
-    np.testing.assert_array_equal(np.asarray(t.block_scale).view(np.uint8), np.asarray(ref.block_scale).view(np.uint8))
-    assert np.float32(np.asarray(t.global_scale).reshape(-1)[0]) == np.float32(np.asarray(ref.global_scale).reshape(-1)[0])
+    np.testing.assert_array_equal(np.asarray(t.block_scale).view(np.uint8),
+                                  np.asarray(ref.block_scale).view(np.uint8))
+    g, g_ref = (np.asarray(v.global_scale, np.float32).reshape(-1)[0] for v in (t, ref))
+    assert g == g_ref
 
 
 @pytest.mark.parametrize("convention", ["compressed-tensors", "modelopt"])

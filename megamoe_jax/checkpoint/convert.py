@@ -37,8 +37,9 @@ CONVENTIONS = (formats.CT, formats.MODELOPT)
 _EXPERTS = re.compile(r"^(layers|mtp)\.\d+\.ffn\.experts\.(\d+\.(w1|w2|w3)|w13|w2)\.weight$")
 # Every linear the model runs through `dispatch.linear` with a quantization-aware name (the router `ffn.gate`, the
 # grouped `attn.wo_a`, `embed` and `head` stay in high precision, as in every published NVFP4 release).
-_LINEARS = re.compile(r"^(layers|mtp)\.\d+\.(attn\.(wq_a|wq_b|wkv|wo_b|compressor\.(wkv|wgate)|indexer\.(wq_b|weights_proj)"
-                      r"|indexer\.compressor\.(wkv|wgate))|ffn\.shared_experts\.(w1|w2|w3)|e_proj|h_proj)\.weight$")
+_LINEARS = re.compile(r"^(layers|mtp)\.\d+\.(attn\.(wq_a|wq_b|wkv|wo_b|compressor\.(wkv|wgate)"
+                      r"|indexer\.(wq_b|weights_proj)|indexer\.compressor\.(wkv|wgate))"
+                      r"|ffn\.shared_experts\.(w1|w2|w3)|e_proj|h_proj)\.weight$")
 _LAYER = re.compile(r"^((layers|mtp)\.\d+)\.")
 
 

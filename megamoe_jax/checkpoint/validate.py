@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import numpy as np
 
 from megamoe_jax.checkpoint import formats
@@ -134,17 +135,16 @@ def scale_report(ckpt: CheckpointFiles, *, block_scales: bool = True) -> ScaleRe
                                                 convention=e.convention, weight=name, tensor=t,
                                                 file=str(ckpt.file_of(t)), role=label)
         if block_scales:
-            bs = np.asarray(ckpt.get(e.parts["block_scale"]), np.float32)
+            bs = ckpt.get(e.parts["block_scale"])
             g = np.asarray(formats.global_scale(ckpt, e), np.float32)
-            lead = bs.shape[:-2]
             if g.size > 1:          # per-expert global scales: each expert is its own group
-                per = bs.reshape(lead + (-1,)).max(axis=-1).reshape(-1)
-                for i, (gi, m) in enumerate(zip(g.reshape(-1), per)):
-                    groups.setdefault((f"{name}[{i}]", gi.tobytes()), []).append((e, float(m)))
+                per = bs.reshape(bs.shape[0], -1)
+                for i, gi in enumerate(g.reshape(-1)):
+                    groups.setdefault((f"{name}[{i}]", gi.tobytes()), []).append((e, block_scale_max(per[i])))
             else:
                 # Shards of one fused GEMM share a stored global scale: group by (layer prefix, value bits).
                 layer = _layer_prefix(e.module)
-                groups.setdefault((layer, g.reshape(-1)[0].tobytes()), []).append((e, float(np.max(bs))))
+                groups.setdefault((layer, g.reshape(-1)[0].tobytes()), []).append((e, block_scale_max(bs)))
     lo, hi = BLOCK_MAX_RANGE
     for members in groups.values():
         top = max(m for _, m in members)
@@ -155,13 +155,29 @@ def scale_report(ckpt: CheckpointFiles, *, block_scales: bool = True) -> ScaleRe
             continue                # an all-zero weight has no scale to normalise; its stored filler is arbitrary
         t = e.parts["block_scale"]
         shared = f" (largest over {len(members)} tensors sharing this global scale)" if len(members) > 1 else ""
-        problem = "not finite" if not np.isfinite(top) else "block scales not normalised"
+        problem = "NaN or negative" if not np.isfinite(top) else "block scales not normalised"
         report.issues.append(ScaleIssue(
             e.name, t, str(ckpt.file_of(t)), "block scales", problem, top,
             f"{ckpt.file_of(t)}: {t} (block scales): largest block scale {top:g}{shared}, expected about 448 (or "
             f"256 for four-over-six): the block scales do not belong to the global scale "
             f"{e.parts['global_scale']!r}"))
     return report
+
+
+def block_scale_max(bs) -> float:
+    """Largest E4M3 block scale, NaN if any scale is NaN or negative. Works on the raw bytes: a non-negative E4M3
+    value orders like its byte, so this is one fast uint8 max over what may be gigabytes of scales."""
+    b = np.asarray(bs).view(np.uint8).reshape(-1)
+    if b.size == 0:
+        return 0.0
+    top = int(b.max())
+    if top >= 0x80:                         # sign bits: -0 (0x80) is harmless, anything above is not
+        if np.any(b > 0x80):
+            return float("nan")
+        top = int(np.max(b & 0x7F))
+    if top == 0x7F:                         # E4M3's NaN
+        return float("nan")
+    return float(np.array(top, np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32))
 
 
 def _layer_prefix(module: str) -> str:
