@@ -385,14 +385,17 @@ def cmd_bench(a) -> int:
     compile_s = time.perf_counter() - t
     prefill = min(run(1) for _ in range(a.repeats))
     total = min(run(a.new_tokens) for _ in range(a.repeats))
-    decode = max(total - prefill, 1e-9) / (a.new_tokens - 1)
+    # Decode time = (N tokens - 1 token) / (N - 1): the prefill and the first sample cancel out. Clamped at 0 when
+    # timing noise exceeds the decode time (tiny models).
+    decode = max(total - prefill, 0.0) / (a.new_tokens - 1)
     dev = jax.devices()[0]
     res = {
         "model": str(path), "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
         "devices": a.devices or 1, "batch": a.batch, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
         "load_s": round(load_s, 3), "compile_s": round(compile_s, 3),
         "prefill_ms": round(prefill * 1e3, 3), "prefill_tokens_per_s": round(a.batch * a.prompt_len / prefill, 1),
-        "decode_ms_per_step": round(decode * 1e3, 3), "decode_tokens_per_s": round(a.batch / decode, 1),
+        "decode_ms_per_step": round(decode * 1e3, 4),
+        "decode_tokens_per_s": round(a.batch / decode, 1) if decode > 0 else None,
         "repeats": a.repeats,
     }
     if a.json:
@@ -402,7 +405,8 @@ def cmd_bench(a) -> int:
               f"{a.new_tokens} new tokens (best of {a.repeats})")
         print(f"  prefill  {res['prefill_ms']:10.2f} ms   {res['prefill_tokens_per_s']:12.1f} tokens/s "
               f"(prompt + first token)")
-        print(f"  decode   {res['decode_ms_per_step']:10.2f} ms/step {res['decode_tokens_per_s']:10.1f} tokens/s")
+        rate = "n/a" if res["decode_tokens_per_s"] is None else f"{res['decode_tokens_per_s']:.1f}"
+        print(f"  decode   {res['decode_ms_per_step']:10.2f} ms/step {rate:>10} tokens/s")
         print(f"  load {load_s:.2f}s, compile {compile_s:.2f}s")
     return 0
 

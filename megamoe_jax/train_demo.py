@@ -323,6 +323,136 @@ def package(bf16: Path, dest: Path) -> Path:
     return dest
 
 
+# ---- the seed bug and the perplexity table ---------------------------------------------------------------------
+
+def seed_bug(src: Path, dst: Path, pattern: str = r"\.attn\.") -> list[str]:
+    """Copy NVFP4 checkpoint `src` to `dst` with the seed's bug planted: the activation scales of the modules
+    matching `pattern` stored in the wrong convention (the dequant factor g = amax/2688 written where
+    compressed-tensors expects the multiplier G = 2688/amax, i.e. the stored value replaced by its reciprocal).
+    Returns the tensors changed."""
+    from megamoe_jax.checkpoint import formats
+    from megamoe_jax.checkpoint.reader import open_checkpoint
+    from megamoe_jax.checkpoint.writer import update_checkpoint
+    ckpt = open_checkpoint(src)
+    changed = {}
+    for name, e in formats.layout(ckpt).items():
+        t = e.parts.get("input_scale")
+        if t is not None and re.search(pattern, name):
+            changed[t] = (np.float32(1.0) / np.asarray(ckpt.get(t), np.float32)).astype(np.float32)
+    ckpt.close()
+    if not changed:
+        raise ValueError(f"{src}: no activation scale matches {pattern!r}")
+    update_checkpoint(src, changed, dst=dst)
+    return sorted(changed)
+
+
+def unvalidated_wrong_scales(model, pattern: str = r"\.attn\."):
+    """What an engine WITHOUT scale validation runs for a `seed_bug` checkpoint: `model` (correctly calibrated)
+    with each matching module's activation dequant factor g replaced by 1/g (the stored g read as a multiplier).
+    Returns a new Model; used to show the garbage that validation prevents."""
+    import dataclasses
+    from flax import nnx
+    from megamoe_jax.api import Model
+    from megamoe_jax.quant import NVFP4Tensor
+    module = model.module
+    n = 0
+    for path, node in nnx.iter_graph(module):
+        if not isinstance(node, nnx.Param):
+            continue
+        name = ".".join(str(p) for p in path)
+        t = node.get_value()
+        if isinstance(t, NVFP4Tensor) and t.input_scale is not None and re.search(pattern, name + "."):
+            wrong = 1.0 / t.input_scale
+            kw = {"input_scale": wrong}
+            if getattr(t, "input_multiplier", None) is not None:
+                kw["input_multiplier"] = t.input_scale          # the multiplier an engine derives from the file
+            node.set_value(dataclasses.replace(t, **kw))
+            n += 1
+    if not n:
+        raise ValueError(f"no W4A4 module matches {pattern!r}")
+    return Model(module, max_context=model.max_context)
+
+
+def table(bf16: Path, work: Path, max_tokens: int = 32768) -> str:
+    """Build every variant of the demo with the CLI and measure `megamoe perplexity` on the held-out stdlib
+    files; returns the README's markdown table."""
+    import contextlib as cl
+    import datetime
+    import io
+    from megamoe_jax import cli
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    def megamoe(*args) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with cl.redirect_stdout(out), cl.redirect_stderr(err):
+            rc = cli.main([*map(str, args)])
+        print(f"$ megamoe {' '.join(map(str, args))}\n{out.getvalue()}{err.getvalue()}", flush=True)
+        return rc, out.getvalue(), err.getvalue()
+
+    def ppl(path, *extra) -> dict:
+        rc, out, err = megamoe("perplexity", "-q", "-m", path, "--json", "--max-tokens", max_tokens, *extra)
+        if rc:
+            return {"error": err.strip().splitlines()[-1]}
+        return json.loads(out)
+
+    def build(name, *args):
+        dst = work / name
+        if not dst.exists():
+            rc, _, err = megamoe(*args[:1], bf16 if args[1] == "BF16" else args[1], dst, *args[2:])
+            if rc:
+                raise RuntimeError(err)
+        return dst
+
+    from megamoe_jax.cli import DEMO_DIR
+    w16 = build("experts-w4a16", "convert", "BF16", "--to", "nvfp4", "-q")
+    a16 = build("all-w4a16", "convert", "BF16", "--to", "nvfp4", "--scope", "all-linear", "-q")
+    a4 = build("all-w4a4", "convert", "BF16", "--to", "nvfp4", "--scope", "all-linear", "--calibrate", "stdlib",
+               "-q")
+    bug = work / "all-w4a4-seedbug"
+    if not bug.exists():
+        seed_bug(a4, bug)
+    fixed = work / "all-w4a4-seedbug-repaired"
+    if not fixed.exists():
+        megamoe("calibrate", bug, "stdlib", "--out", fixed, "-q")
+
+    rows = [
+        ("bf16 (trained original)", "bf16", "bf16", "bf16", ppl(bf16)),
+        ("NVFP4 W4A16, experts", "NVFP4", "bf16", "bf16", ppl(w16)),
+        ("NVFP4 W4A4, experts, calibrated (the shipped demo)", "NVFP4", "bf16", "NVFP4 (experts)", ppl(DEMO_DIR)),
+        ("NVFP4 W4A16, all linears", "NVFP4", "NVFP4", "bf16", ppl(a16)),
+        ("NVFP4 W4A4, all linears, calibrated", "NVFP4", "NVFP4", "NVFP4", ppl(a4)),
+        ("W4A4 all linears, seed bug: attention activation scales in the wrong convention", "NVFP4", "NVFP4",
+         "NVFP4", ppl(bug)),
+    ]
+    # What an engine without validation would compute from the same file.
+    import megamoe_jax
+    from megamoe_jax.perplexity import perplexity_text
+    from megamoe_jax.tokenizer import load_tokenizer
+    forced = unvalidated_wrong_scales(megamoe_jax.load(a4))
+    r = perplexity_text(forced, load_tokenizer(a4), heldout_text(), max_tokens=max_tokens)
+    rows.append(("  ... the same file run without scale validation (what the seed did)", "NVFP4", "NVFP4", "NVFP4",
+                 r.as_dict()))
+    rows.append(("  ... repaired by warmup calibration (`megamoe calibrate`)", "NVFP4", "NVFP4", "NVFP4",
+                 ppl(fixed)))
+    date = datetime.date.today().isoformat()
+    lines = ["| model | experts | attention + shared | activations | nats/byte | bits/byte | perplexity (per byte) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, ex, other, acts, res in rows:
+        if "error" in res:
+            msg = res["error"].split(": error: ", 1)[-1]
+            lines.append(f"| {name} | {ex} | {other} | {acts} | refused at load | | `{msg[:160]}...` |")
+        else:
+            lines.append(f"| {name} | {ex} | {other} | {acts} | {res['nll']:.4f} | {res['bits_per_byte']:.4f} | "
+                         f"{math.exp(res['nll']):.4f} |")
+    tokens = next((res["tokens"] for *_, res in rows if "tokens" in res), 0)
+    lines.append("")
+    lines.append(f"Measured {date} on the CPU (fp32 compute) with `megamoe perplexity --max-tokens {max_tokens}`: "
+                 f"{tokens} scored bytes of the held-out Python {sys.version.split()[0]} standard library files, "
+                 f"windows of 256 bytes.")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m megamoe_jax.train_demo", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -342,8 +472,14 @@ def main(argv=None) -> int:
     k = sub.add_parser("package", help="convert a trained bf16 checkpoint to the embedded NVFP4 demo")
     k.add_argument("--bf16", type=Path, required=True)
     k.add_argument("--dest", type=Path, default=Path(__file__).parent / "demo")
+    tb = sub.add_parser("table", help="the README's perplexity table (builds every variant with the CLI)")
+    tb.add_argument("--bf16", type=Path, required=True)
+    tb.add_argument("--work", type=Path, required=True, help="where the variants are written")
+    tb.add_argument("--max-tokens", type=int, default=32768)
     a = p.parse_args(argv)
-    if a.cmd == "train":
+    if a.cmd == "table":
+        print(table(a.bf16, a.work, a.max_tokens))
+    elif a.cmd == "train":
         train(a.out, minutes=a.minutes, steps=a.steps, batch=a.batch, seq=a.seq, lr=a.lr, seed=a.seed,
               log=a.log, stdlib=a.stdlib, max_shard_mb=a.max_shard_mb)
     else:
