@@ -23,7 +23,6 @@ import functools
 import math
 import os
 import re
-import sys
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -36,7 +35,7 @@ from flax import nnx
 from megamoe_jax.checkpoint import formats, writer
 from megamoe_jax.checkpoint.convert import fused_key
 from megamoe_jax.checkpoint.names import canonical_name
-from megamoe_jax.checkpoint.reader import CheckpointError, open_checkpoint
+from megamoe_jax.checkpoint.reader import open_checkpoint
 from megamoe_jax.checkpoint.validate import AMAX
 from pallas_kernels import dispatch
 

@@ -1,5 +1,4 @@
 """Format detection by suffix + dtype, shape checks, config cross-checks and decoding of every format."""
-import re
 
 import ml_dtypes
 import numpy as np

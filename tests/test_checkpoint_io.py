@@ -1,6 +1,5 @@
 """Safetensors I/O, the checkpoint reader (bad files named precisely) and the atomic writer."""
 import json
-import os
 
 import ml_dtypes
 import numpy as np

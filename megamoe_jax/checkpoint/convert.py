@@ -17,6 +17,7 @@ What happens to each weight (names keep the source's own convention; only compan
 """
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from collections import defaultdict
@@ -29,7 +30,7 @@ import numpy as np
 
 from megamoe_jax.checkpoint import formats, writer as W
 from megamoe_jax.checkpoint.names import canonical_name
-from megamoe_jax.checkpoint.reader import CheckpointError, CheckpointFiles, open_checkpoint
+from megamoe_jax.checkpoint.reader import CheckpointFiles, open_checkpoint
 
 SCOPES = ("experts", "all-linear")
 CONVENTIONS = (formats.CT, formats.MODELOPT)
@@ -281,22 +282,17 @@ def quantize_blocks(x, g):
     bucket = max(_MIN_ROWS, 1 << (rows - 1).bit_length())
     flat = np.zeros((bucket, nvfp4.BLOCK), x.dtype)
     flat[:rows] = x.reshape(rows, nvfp4.BLOCK)
-    t = _quantize_jit(jnp.asarray(flat), jnp.float32(g))
+    t = _quantize_program()(jnp.asarray(flat), jnp.float32(g))
     packed = np.asarray(t.packed)[:rows].reshape(n, k // 2)
     scale = np.asarray(t.block_scale)[:rows].reshape(n, k // nvfp4.BLOCK)
     return nvfp4.NVFP4Tensor(packed, scale, np.asarray(g, np.float32).reshape(()))
 
 
-def _quantize_jit(x, g):
+@functools.cache
+def _quantize_program():
+    import jax
     from megamoe_jax.quant import nvfp4
-    global _QJIT
-    if _QJIT is None:
-        import jax
-        _QJIT = jax.jit(lambda x, g: nvfp4.quantize(x, global_scale=g))
-    return _QJIT(x, g)
-
-
-_QJIT = None
+    return jax.jit(lambda x, g: nvfp4.quantize(x, global_scale=g))
 
 
 def _reencode_nvfp4(ckpt, e: formats.Entry, convention, keep_inputs) -> dict:
