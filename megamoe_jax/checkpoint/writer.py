@@ -216,15 +216,6 @@ def nvfp4_tensors(module: str, packed, block_scale, g, g_input=None, *, conventi
     return out
 
 
-def input_scale_tensor(module: str, g_input, *, convention: str) -> tuple[str, np.ndarray]:
-    """(name, value) of an activation global scale in the given convention."""
-    if convention == "compressed-tensors":
-        return f"{module}.input_global_scale", _recip(g_input).reshape(1)
-    if convention == "modelopt":
-        return f"{module}.input_scale", _f32(g_input).reshape(())
-    raise ValueError(f"unknown convention {convention!r}")
-
-
 def fp8_block_tensors(module: str, weight, scale, *, convention: str) -> dict[str, np.ndarray]:
     """FP8 128x128-block weight: DeepSeek `.scale` (E8M0 when every scale is a power of two, else F32) or
     compressed-tensors `weight_scale` F32."""
