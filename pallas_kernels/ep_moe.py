@@ -253,8 +253,9 @@ def _local_moe(x, idx, wt, w1, w3, w2, *, swiglu_limit, ep, tensor_split, ragged
     xs, wts = _unpack(got[perm], d)
     g = dispatch.grouped_linear(xs, w1, group_sizes, out_dtype=jnp.float32)  # [R, I(/tp)]
     u = dispatch.grouped_linear(xs, w3, group_sizes, out_dtype=jnp.float32)
-    h = reference.swiglu(g, u, swiglu_limit) * wts[:, None]
+    h = reference.swiglu(g, u, swiglu_limit)          # unweighted: W4A4 scales are calibrated on this
     y = dispatch.grouped_linear(h.astype(x.dtype), w2, group_sizes, out_dtype=jnp.float32)  # [R, D]
+    y = y * wts[:, None].astype(jnp.float32)
     y = jnp.zeros_like(y).at[perm].set(y).astype(combine_dtype)              # back to arrival order
 
     # 4. combine: results go back to the slots they came from; sum the k slots of each token.

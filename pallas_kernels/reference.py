@@ -95,7 +95,10 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
 
     x [T, D]; w1, w3 [E, I, D]; w2 [E, D, I]; topk_idx [T, k] int; topk_weight [T, k] fp32.
     out[t] = sum_j topk_weight[t, j] * W2[e] (swiglu(W1[e] x, W3[e] x))   with e = topk_idx[t, j].
-    The routing weight multiplies the SwiGLU output before the down projection (as DeepSeek's reference).
+    The routing weight scales the down projection's fp32 OUTPUT. DeepSeek's reference multiplies it into the
+    SwiGLU output instead (same math up to rounding), but NVFP4 checkpoints calibrate the down projection's
+    input scale on the unweighted SwiGLU output (transformers/llm-compressor/ModelOpt run the expert as a plain
+    module and weight its output; vLLM's fused MoE does the same), so W4A4 must quantize the unweighted input.
     """
     out_dtype = out_dtype or x.dtype
     t, k = topk_idx.shape
@@ -105,8 +108,18 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
     xs = x[token_of_row]                                              # [T*k, D] sorted by expert
     g = grouped_linear(xs, w1, group_sizes, out_dtype=jnp.float32)
     u = grouped_linear(xs, w3, group_sizes, out_dtype=jnp.float32)
-    h = swiglu(g, u, swiglu_limit) * topk_weight.reshape(-1)[order][:, None]
+    h = swiglu(g, u, swiglu_limit)
     y = grouped_linear(h.astype(x.dtype), w2, group_sizes, out_dtype=jnp.float32)  # [T*k, D]
+    y = y * topk_weight.reshape(-1)[order][:, None].astype(jnp.float32)
     out = jnp.zeros((t, y.shape[-1]), jnp.float32).at[token_of_row].add(y)
     return out.astype(out_dtype)
 
+
+
+def quantize_activation(x: jax.Array, global_scale: jax.Array) -> jax.Array:
+    """W4A4 activation path: x [..., K] quantize-dequantized to NVFP4 with dequant factor g (scalar or per row).
+
+    fp32 result; what a W4A4 matmul multiplies (the act_quant kernel must reproduce its codes and scales).
+    """
+    from megamoe_jax.quant import nvfp4
+    return nvfp4.fake_quantize(x, global_scale)
