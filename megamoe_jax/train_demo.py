@@ -272,8 +272,8 @@ def state_dict(module) -> dict[str, np.ndarray]:
             base, proj = name.rsplit(".", 1)
             for e in range(v.shape[0]):
                 out[f"{base}.{e}.{proj}.weight"] = np.ascontiguousarray(v[e])
-        elif last in ("attn_sink", "ape", "bias", "tid2eid") or last.startswith("hc_"):
-            out[name] = v
+        elif last in ("attn_sink", "ape", "bias", "tid2eid", "weight") or last.startswith("hc_"):
+            out[name] = v                              # already the checkpoint name (e.g. "ffn.gate.weight")
         else:
             out[name + ".weight"] = v
     return out
