@@ -27,6 +27,7 @@ import warnings
 from pathlib import Path
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEFAULT_HELDOUT_TOKENS = 32768  # the default text is scored up to this many tokens (the README's table), unless -f
 DATA_STDLIB = "stdlib"          # calibration DATA keyword: windows of the stdlib training files (as the demo used)
 
 
@@ -278,6 +279,8 @@ def cmd_perplexity(a) -> int:
         from megamoe_jax.train_demo import corpus, heldout_text
         text = heldout_text()
         source = f"held-out Python {sys.version.split()[0]} standard library files ({len(corpus()[1])} files)"
+        if a.max_tokens is None:
+            a.max_tokens = DEFAULT_HELDOUT_TOKENS
     if not text:
         raise CLIError("the text to score is empty")
     tok = _tokenizer(path)
@@ -601,7 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("-f", "--file", action="append", help="text file to score (repeatable)")
     pp.add_argument("--seq-len", type=_positive, default=256, help="window length in tokens (default 256)")
     pp.add_argument("--batch-size", type=_positive, default=8)
-    pp.add_argument("--max-tokens", type=_positive, default=None, help="score at most this many tokens")
+    pp.add_argument("--max-tokens", type=_positive, default=None,
+                    help=f"score at most this many tokens (default: all of -f, {DEFAULT_HELDOUT_TOKENS} of the "
+                         f"held-out stdlib text)")
     pp.add_argument("--devices", type=_positive, default=None)
     pp.add_argument("--json", action="store_true")
     pp.set_defaults(func=cmd_perplexity)
@@ -681,7 +686,12 @@ def _setup_compilation_cache() -> None:
 
 
 def _one_line(e: BaseException) -> str:
-    msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    """One line: a multi-line message (e.g. a scale report listing every bad tensor) keeps its first two lines
+    and its last (the remedy), the rest is counted."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 4:
+        lines = lines[:2] + [f"... ({len(lines) - 3} more lines) ..."] + lines[-1:]
+    msg = " ".join(lines) or type(e).__name__
     if not isinstance(e, (ValueError, OSError, KeyError)):
         msg = f"{type(e).__name__}: {msg}"
     return msg

@@ -441,7 +441,11 @@ def table(bf16: Path, work: Path, max_tokens: int = 32768) -> str:
     for name, ex, other, acts, res in rows:
         if "error" in res:
             msg = res["error"].split(": error: ", 1)[-1]
-            lines.append(f"| {name} | {ex} | {other} | {acts} | refused at load | | `{msg[:160]}...` |")
+            n = re.search(r"(\d+) problem\(s\)", msg)
+            t = re.search(r"([\w.]+\.input_global_scale)[^:]*: ([a-z ]+)", msg)
+            what = (f"{n.group(1) if n else 'the'} activation scales flagged, e.g. `{t.group(1)}`: {t.group(2)}"
+                    if t else msg[:160])
+            lines.append(f"| {name} | {ex} | {other} | {acts} | refused at load | | {what} |")
         else:
             lines.append(f"| {name} | {ex} | {other} | {acts} | {res['nll']:.4f} | {res['bits_per_byte']:.4f} | "
                          f"{math.exp(res['nll']):.4f} |")
