@@ -8,7 +8,7 @@ The shipped demo was trained on one H100 with
     MEGAMOE_KERNELS=reference python -m megamoe_jax.train_demo train --out OUT --minutes 2.6 --batch 64 \
         --seq 256 --lr 3e-3 --log loss.tsv --max-shard-mb 12
 (1016 steps in 156 s including 95 s of compilation; held-out loss 0.94 nats/byte on its evaluation windows).
-On a 2-core CPU one step of that size takes tens of seconds, so train there only with small --batch/--steps.
+On the shared 2-core CPU of this project a step of batch 16 took about 18 s, so train there only with small --steps.
 
 `train` builds the real architecture at toy width (every attention type: sliding window, CSA with its lightning
 indexer, HCA; hc_mult 4; hash-routed and top-k MoE layers), trains it with AdamW on byte sequences cut from the
