@@ -63,6 +63,24 @@ def linear(x: jax.Array, w, *, out_dtype=None, name: str | None = None) -> jax.A
     return reference.linear(x, w, out_dtype=out_dtype)
 
 
+def linear_per_group(x: jax.Array, w, *, out_dtype=None, name: str | None = None) -> jax.Array:
+    """Block-diagonal linear: x [..., G, K], w [G, N, K] -> [..., G, N] (group g of x meets w[g] only).
+
+    DeepSeek-V4's grouped output projection `wo_a`. Plain weights are one batched einsum; quantized weights run
+    as a grouped matmul with G equal groups (the NVFP4 kernel on Hopper)."""
+    if _observer is not None and name is not None:
+        _observer(name, _amax(x))
+    out_dtype = out_dtype or x.dtype
+    if not reference.is_quantized(w):
+        y = jnp.einsum("...gk,gnk->...gn", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        return y.astype(out_dtype)
+    lead, (g, k) = x.shape[:-2], x.shape[-2:]
+    rows = x.reshape(-1, g, k).transpose(1, 0, 2).reshape(-1, k)                     # [G*M, K] sorted by group
+    m = rows.shape[0] // g
+    y = grouped_linear(rows, w, jnp.full((g,), m, jnp.int32), out_dtype=out_dtype)   # [G*M, N]
+    return y.reshape(g, m, -1).transpose(1, 0, 2).reshape(*lead, g, -1)
+
+
 def grouped_linear(x: jax.Array, w, group_sizes: jax.Array, *, out_dtype=None) -> jax.Array:
     """Ragged grouped matmul: x [M, K] sorted by group, w [E, N, K], group_sizes [E] -> [M, N]."""
     return reference.grouped_linear(x, w, group_sizes, out_dtype=out_dtype)

@@ -187,10 +187,10 @@ class Attention(nnx.Module):
         -> [B, T, G*Ro]. Runs as one grouped matmul with G equal groups so any weight format works."""
         b, t = o.shape[:2]
         g, ro = self.o_groups, self.o_lora_rank
-        og = o.reshape(b * t, g, -1).transpose(1, 0, 2).reshape(g * b * t, -1)          # rows sorted by group
+        og = o.reshape(b, t, g, -1)                                                      # [B, T, G, H*hd/G]
         wg = _split_rows(self.wo_a.get_value(), g, f"{self.name}.wo_a")                  # [G, Ro, H*hd/G]
-        z = dispatch.grouped_linear(og, wg, jnp.full((g,), b * t, jnp.int32))          # [G*B*T, Ro]
-        return z.reshape(g, b, t, ro).transpose(1, 2, 0, 3).reshape(b, t, g * ro)
+        z = dispatch.linear_per_group(og, wg, name=f"{self.name}.wo_a")                   # [B, T, G, Ro]
+        return z.reshape(b, t, g * ro)
 
     def _check(self, x, state, start_pos, lengths):
         where = self.name
