@@ -4,6 +4,8 @@ One GPU: a (1, 1, 1) mesh runs the expert-parallel shard_map (ragged_all_to_all 
 per-shard Hopper kernels through dispatch.grouped_linear) and matches the single-device path. With several GPUs
 (issue 8), the same checks run with the experts split over all of them.
 """
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,6 +62,10 @@ def test_ep_moe_on_gpu_matches_reference(shape, exchange, fmt):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
+    # The GPU machine's transformers may predate DeepseekV4: a checkpoint built here by
+    # `python -m tests.gpu.test_sharding_gpu DIR` can be carried there and named by MEGAMOE_TINY_CKPT.
+    if os.environ.get("MEGAMOE_TINY_CKPT"):
+        return os.environ["MEGAMOE_TINY_CKPT"]
     from tests.helpers_tiny import tiny_checkpoint
     cfg = tiny(num_hidden_layers=2, compress_ratios=(4, 16), mlp_layer_types=(HASH_MOE, TOPK_MOE))
     path, _ = tiny_checkpoint(tmp_path_factory.mktemp("tiny_gpu_sharding"), cfg, seed=3)
@@ -84,3 +90,10 @@ def test_model_on_mesh_matches_one_gpu(tiny_ckpt, shape):
     ref16, got16 = np.asarray(one16.logits(ids)), np.asarray(shard16.logits(ids))
     assert np.all(np.isfinite(got16))
     assert np.max(np.abs(got16 - ref16)) / np.max(np.abs(ref16)) < 3e-2
+
+
+if __name__ == "__main__":
+    import sys
+    from tests.helpers_tiny import tiny_checkpoint
+    tiny_checkpoint(sys.argv[1], tiny(num_hidden_layers=2, compress_ratios=(4, 16),
+                                      mlp_layer_types=(HASH_MOE, TOPK_MOE)), seed=3)
