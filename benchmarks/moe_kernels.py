@@ -152,6 +152,35 @@ def grouped(res, tokens, baselines: bool, n_routings: int = 3):
     res["grouped"] = rows
 
 
+SWEEP = {
+    1: [(8, 6), (16, 6), (16, 4)],
+    64: [(16, 6), (32, 5), (32, 3), (64, 3)],
+    8192: [(128, 2), (64, 3), (64, 4)],
+}
+
+
+def sweep(res):
+    """Our kernel under several frozen configs (to pick `default_config`); not a baseline comparison."""
+    from pallas_kernels import grouped_matmul as gm
+    n, k = 2 * INTER, HIDDEN
+    w = random_nvfp4(jax.random.PRNGKey(0), EXPERTS, n, k)
+    out = []
+    for t, cfgs in SWEEP.items():
+        m = t * TOPK
+        sets = []
+        for r in range(3):
+            idx, _ = routing(t, seed=100 * t + r)
+            x = jax.random.normal(jax.random.PRNGKey(r), (m, k), jnp.float32).astype(jnp.bfloat16)
+            sets.append((x, jnp.asarray(group_sizes_of(idx)), w))
+        for c in cfgs:
+            cfg = gm.Config(tile_m=c[0], num_stages=c[1])
+            f = jax.jit(lambda x, gs, w, cfg=cfg: gm.grouped_linear(x, w, gs, config=cfg))
+            ms = safe(measure, f, *sets)
+            out.append(dict(T=t, config=str(cfg), ms=ms))
+            print("sweep", t, cfg, ms, flush=True)
+    res["sweep"] = out
+
+
 def _mgpu_ragged():
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
     return jax.jit(lambda x, gs, wb: ragged_dot_mgpu.ragged_dot(
@@ -183,6 +212,8 @@ def main(argv=None):
         ceilings(res)
     if "grouped" in sections:
         grouped(res, tokens, baselines=not args.no_baselines)
+    if "sweep" in sections:
+        sweep(res)
     with open(os.path.join(args.out, "results.json"), "w") as fh:
         json.dump(res, fh, indent=1, default=str)
     return res

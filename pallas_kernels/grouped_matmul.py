@@ -49,19 +49,15 @@ class Config:
 
     tile_m: activation rows per work item (wgmma N, multiple of 8, power of two).
     num_stages: depth of the TMA pipeline over K (each stage: 128 x 256 weights and tile_m x 256 activations).
-    decode: "subnormal" or "select" (see nvfp4_decode).
     """
     tile_m: int = 64
     num_stages: int = 4
-    decode: str = "subnormal"
 
     def __post_init__(self):
         if self.tile_m < 8 or self.tile_m > 256 or self.tile_m & (self.tile_m - 1):
             raise ValueError(f"tile_m must be a power of two in [8, 256], got {self.tile_m}")
         if self.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
-        if self.decode not in nvfp4_decode.VARIANTS:
-            raise ValueError(f"decode must be one of {sorted(nvfp4_decode.VARIANTS)}, got {self.decode!r}")
 
 
 def default_config(m: int, num_groups: int, num_weights: int = 1) -> Config:
@@ -146,16 +142,22 @@ class _Dims:
     out_dtype: jnp.dtype
 
 
-def _tiled(shape, dtype, swizzle=128):
+def _transforms(dtype, swizzle=128):
     bits = jnp.dtype(dtype).itemsize * 8 if jnp.dtype(dtype) != jnp.dtype(jnp.int4) else 4
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle * 8 // bits)),
-                                                plgpu.SwizzleTransform(swizzle)))
+    return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
+
+
+_W_I4_TRANSFORMS = _transforms(jnp.int4)
+
+
+def _tiled(shape, dtype, swizzle=128):
+    return plgpu.SMEM(shape, dtype, transforms=_transforms(dtype, swizzle))
 
 
 def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float | None, interpret: bool):
     tm, tk, stages = cfg.tile_m, _TILE_K, cfg.num_stages
     nw = dims.num_weights
-    variant = nvfp4_decode.VARIANTS[cfg.decode]
+    variant = nvfp4_decode.SUBNORMAL
     k_iters = dims.k // tk
     stages = min(stages, k_iters)       # every slot is used by every item (barrier phase bookkeeping relies on it)
     n_tiles = dims.n // _CTA_ROWS
@@ -172,7 +174,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
             rw_gmem, o_gmem, scratch = rest[0], rest[1], rest[2:]
         else:
             rw_gmem, o_gmem, scratch = None, rest[0], rest[1:]
-        (x_smem, w_smem, s_smem, st_smem, o_smem, x_bar, w_bar, o_bar, x_free, w_free, o_free, *a_smem) = scratch
+        (x_smem, w_smem, s_smem, o_smem, x_bar, w_bar, o_bar, x_free, w_free, o_free, *a_smem) = scratch
         if interpret:
             w_u8 = w_i4 = w_smem
         else:
@@ -209,8 +211,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                             for j in range(nw):
                                 slot = j * _COMPUTE_WGS + wg      # this warpgroup's 64 rows of weight j
                                 a_ops.append(_decode_operand(w_u8.at[si, slot], w_i4.at[si, slot],
-                                                             s_smem.at[si, slot], st_smem.at[wg, j],
-                                                             variant, interpret))
+                                                             s_smem.at[si, slot], variant, interpret))
                             plgpu.barrier_arrive(w_free.at[si])
                             plgpu.barrier_wait(x_bar.at[si])
                             for j in range(nw):
@@ -324,7 +325,6 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         _tiled((stages, tm, tk), jnp.bfloat16),                                       # x
         w_scratch,                                                                    # packed W (u8 / i4 views)
         plgpu.SMEM((stages, slots, _WG_ROWS, tk // 16), jnp.float8_e4m3fn),           # block scales
-        plgpu.SMEM((_COMPUTE_WGS, nw, tk // 16, _WG_ROWS), jnp.bfloat16),             # scales, transposed
         plgpu.SMEM((_COMPUTE_WGS, tm, _WG_ROWS), dims.out_dtype,
                    transforms=(plgpu.SwizzleTransform(128),)),                        # output rows
         plgpu.Barrier(num_barriers=stages),                                           # x landed
@@ -339,21 +339,20 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
     return kernel, scratch
 
 
-def _decode_operand(w_u8, w_i4, s_ref, st_ref, variant, interpret):
-    """Decode one warpgroup's [64, 256] weight tile into the scaled bf16 wgmma operand (value * s_b / fold)."""
+def _decode_operand(w_u8, w_i4, s_ref, variant, interpret):
+    """One warpgroup's [64, 256] weight tile -> scaled bf16 wgmma operand (value * s_b / 2^8, K permuted)."""
     if interpret:
-        return nvfp4_decode.decode_jnp(w_u8[...], s_ref[...], variant)
-    # Block scales: [64, 16] E4M3 -> bf16 * fold, stored transposed so each 16-column chunk's scales are a
-    # contiguous row that loads straight into the wgmma row layout (strided SMEM loads do not lower).
-    s = plgpu.load(s_ref, layout=_WGMMA).astype(jnp.float32)
-    st_ref.T[...] = (s * variant.scale_fold).astype(jnp.bfloat16)
-    codes = plgpu.layout_cast(plgpu.load(w_i4, layout=plgpu.Layout.WGMMA_UPCAST_4X), _WGMMA)
-    v = nvfp4_decode.codes_to_bf16(codes.astype(jnp.int16), variant)
-    chunks = []
-    for c in range(_TILE_K // 16):
-        sc = plgpu.load(st_ref.at[c], layout=_WGMMA_ROW)
-        chunks.append(v[:, c * 16:(c + 1) * 16] * lax.broadcast_in_dim(sc, (_WG_ROWS, 16), [0]))
-    return jnp.concatenate(chunks, axis=1)
+        return nvfp4_decode.permute_k(nvfp4_decode.decode_jnp(w_u8[...], s_ref[...], variant))
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.RefType(transforms=_W_I4_TRANSFORMS), plgpu.RefType()),
+        return_type=plgpu.ShapeDtypeStruct((_WG_ROWS, _TILE_K), jnp.bfloat16, layout=_WGMMA),
+    )
+    def decode(ctx, w_ref, s_ref):
+        del ctx
+        return nvfp4_decode.decode_tile_mgpu(w_ref, s_ref, variant)
+
+    return decode(w_i4, s_ref)
 
 
 def _row_scale(rs_gmem, g, n0, tm, dims: _Dims, epi_fold: float, interpret: bool):
@@ -491,6 +490,8 @@ def _launch(x, packs, scales, row_scales, group_sizes, route_weight, out_dtype, 
     m8 = (m + 7) // 8 * 8
     mp = max(m8, tm) if not interpret else m8 + tm
     xp = x if mp == m else jnp.pad(x, ((0, mp - m), (0, 0)))
+    # The decoded weight operand has K permuted within 32-column groups (nvfp4_decode); permute x to match.
+    xp = nvfp4_decode.permute_k(xp)
     items, count = build_work_list(group_sizes, m, tm)
     per_row = any(r.shape[1] != 1 for r in row_scales)
     if per_row:

@@ -21,6 +21,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -85,3 +86,95 @@ def decode_jnp(packed: jax.Array, block_scale: jax.Array, variant: DecodeVariant
     vals = e2m1_value(unpack_codes(packed))
     s = jnp.repeat(block_scale.astype(jnp.float32), 16, axis=-1)
     return (vals * s / variant.epilogue_fold).astype(jnp.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Register-level decode for the Hopper kernel (Mosaic GPU, inside `plgpu.inline_mgpu`).
+#
+# The packed tile [64, 256] (int4 view of the uint8 codes) is loaded in the WGMMA_UPCAST_4X layout: each thread
+# holds, for its rows r and r + 8, one 32-bit word per 32-column group t with the 8 consecutive codes
+# k = 32t + 8q .. 32t + 8q + 7 (q = lane % 4). Each word becomes four bf16x2 registers with ~3 integer ops per
+# element (prmt + 2 shifts + and + lop3), and all 8 codes share one block scale, so the scale multiply is four
+# `mul.bf16x2` by one broadcast register.
+#
+# The four registers are placed where the WGMMA register layout keeps 8-column tiles 4t..4t+3 of the thread's
+# rows, i.e. the operand is the weight with its K axis permuted inside every 32-column group: operand column
+# 32t + 8j + 2q + b holds weight column 32t + 8q + 2j + b (the 2-bit fields j and q swapped; the permutation
+# is its own inverse). The activation tile must be permuted the same way (`k_permutation`), which costs nothing
+# where the activation is gathered anyway (the MoE path) and one pass over x otherwise. Skipping the
+# register relayout that the natural order would need is what makes the decode cheap.
+
+def k_permutation(k: int) -> np.ndarray:
+    """Column order of the activation that matches the kernel's decoded weight operand (an involution)."""
+    c = np.arange(k)
+    t, j, q, b = c // 32, (c // 8) % 4, (c // 2) % 4, c % 2
+    return (32 * t + 8 * q + 2 * j + b).astype(np.int32)
+
+
+def permute_k(a: jax.Array) -> jax.Array:
+    """a [..., K] -> a[..., k_permutation(K)] with reshapes only (no index constant; usable in kernels)."""
+    *lead, k = a.shape
+    a = a.reshape(*lead, k // 32, 4, 4, 2)                  # (t, q, j, b)
+    return jnp.swapaxes(a, -3, -2).reshape(*lead, k)      # (t, j, q, b)
+
+
+def decode_tile_mgpu(w_ref, s_ref, variant: DecodeVariant):
+    """Inside inline_mgpu: int4 SMEM tile [64, 256] (tiled (8, 256), swizzle 128) + E4M3 scales [64, 16] ->
+    bf16 FragmentedArray [64, 256] in WGMMA layout = value * s_b * 2^-8, K permuted as in `k_permutation`."""
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.mosaic.gpu import utils
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm, vector
+
+    if variant.name != "subnormal":
+        raise NotImplementedError("the register decode implements the 'subnormal' variant")
+    i32 = ir.IntegerType.get_signless(32)
+    i16 = ir.IntegerType.get_signless(16)
+    bf16 = ir.BF16Type.get()
+    c32 = lambda v: arith.constant(i32, ir.IntegerAttr.get(i32, v if v < 2**31 else v - 2**32))
+
+    codes = fa.FragmentedArray.load_tiled(w_ref, swizzle=128, is_signed=True, layout=fa.WGMMA_LAYOUT_UPCAST_4X)
+    regs = codes.registers                                   # [1, 8 (t), 1, 1, 2 (h), 1, 1, 1, 1] vector<8xi4>
+    assert regs.shape == (1, 8, 1, 1, 2, 1, 1, 1, 1), regs.shape
+
+    # Scales: thread rows r = 16 * warp + lane // 4 + 8 h; block of word t is 2t + q // 2 (q = lane % 4).
+    tid = arith.remui(utils.thread_idx(), c32(128))
+    lane = arith.remui(tid, c32(32))
+    row0 = arith.addi(arith.muli(arith.divui(tid, c32(32)), c32(16)), arith.divui(lane, c32(4)))
+    odd = arith.muli(arith.divui(arith.remui(lane, c32(4)), c32(2)), c32(8))     # 8 * (q // 2): bit shift
+    base = utils.memref_ptr(s_ref)
+    i8 = ir.IntegerType.get_signless(8)
+    v4i32 = ir.VectorType.get((4,), i32)
+    m_lo = c32(0x0FFF0FFF)
+    fold = c32(0x73007300)                    # bf16 exponent offset: f16 -> bf16 (+112) and * 2^118
+    scales = {}                               # (t, h) -> bf16x2 register (s, s)
+    for h in range(2):
+        row = arith.addi(row0, c32(8 * h))
+        ptr = utils.getelementptr(base, [arith.muli(row, c32(16))], i8)
+        words = llvm.load(v4i32, ptr)         # 16 scale bytes of this row, 16 B aligned
+        for wi in range(4):                   # word wi holds blocks 4wi .. 4wi+3 -> t = 2wi, 2wi+1
+            wv = vector.extract(words, dynamic_position=[], static_position=[wi])
+            wv = arith.shrui(wv, odd)         # wanted bytes now at positions 0 and 2
+            pair = utils.prmt(wv, wv, c32(0x5420))     # bytes [b0, b2, ...] -> low 16 bits = (s_2wi, s_2wi+1)
+            h2 = utils.inline_ptx("{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $1; cvt.rn.f16x2.e4m3x2 $0, lo; }",
+                                  pair, result_types=i32)
+            b2 = arith.addi(arith.andi(arith.shrui(h2, c32(3)), m_lo), fold)   # bf16x2 (s_a, s_b) * 2^118
+            scales[(2 * wi, h)] = utils.prmt(b2, b2, c32(0x1010))              # (s_a, s_a)
+            scales[(2 * wi + 1, h)] = utils.prmt(b2, b2, c32(0x3232))          # (s_b, s_b)
+
+    v2bf16 = ir.VectorType.get((2,), bf16)
+    m_mag, m_sign = c32(0x01C001C0), c32(0x80008000)
+    out = np.empty((1, 32, 1, 1, 2, 1, 1, 1, 1), dtype=object)
+    for t in range(8):
+        for h in range(2):
+            w = utils.bitcast(regs[0, t, 0, 0, h, 0, 0, 0, 0], i32)
+            w4 = arith.shrui(w, c32(4))
+            s2 = utils.bitcast(scales[(t, h)], v2bf16)
+            for j in range(4):
+                cw = utils.prmt(w, w4, c32(j | ((4 + j) << 8)))        # code 2j at bits 0-3, 2j+1 at 16-19
+                mag = arith.andi(arith.shli(cw, c32(6)), m_mag)
+                sign = arith.andi(arith.shli(cw, c32(12)), m_sign)
+                v = utils.bitcast(arith.ori(mag, sign), v2bf16)          # value * 2^-126 (bf16 pair)
+                out[0, 4 * t + j, 0, 0, h, 0, 0, 0, 0] = arith.mulf(v, s2)
+    return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)

@@ -1,0 +1,89 @@
+"""Routed experts of one MoE layer on Hopper: route-sorted dispatch -> fused gate/up + SwiGLU -> down -> combine.
+
+    out[t] = sum_j w[t, j] * W2[e] (swiglu(W1[e] x[t], W3[e] x[t]))      e = topk_idx[t, j]    (reference.moe_experts)
+
+HBM round trips (what the hardware allows without a grid-wide barrier between the two matmuls):
+1. XLA: sort the T*k (token, slot) pairs by expert and gather the token rows (already in the column order the
+   kernel's decoded weights use, see nvfp4_decode.k_permutation); W4A4 quantizes them here.
+2. Kernel (grouped_matmul, "swiglu" epilogue): each CTA streams the matching 64-row tiles of W1 and W3 of one
+   expert, so gate and up for the same intermediate columns meet in one warpgroup's registers; the epilogue
+   applies DeepSeek-V4's clamps, SiLU, the product and the routing weight and writes h [T*k, I] in bf16 only
+   (gate and up never reach HBM).
+3. Kernel (grouped_matmul, "linear"): y = h W2^T per expert, [T*k, D].
+4. XLA: un-sort and sum the k rows of each token (fp32).
+Only the weights of experts that received tokens are read, once per 128-row N tile of the activation rows.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import act_quant
+from pallas_kernels import grouped_matmul as gm
+from pallas_kernels import nvfp4_decode
+from pallas_kernels import reference as _reference
+
+
+def supported(x, w1, w3, w2) -> str | None:
+    """None when the fused path handles these weights, else the reason (dispatch then uses the reference)."""
+    for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
+        if type(w).__name__ != "NVFP4Tensor" or w.ndim != 3:
+            return f"{name} is not a stacked NVFP4 weight"
+    e, i, d = w1.shape
+    if w3.shape != (e, i, d) or w2.shape != (e, d, i):
+        return f"expert shapes disagree: w1 {w1.shape}, w3 {w3.shape}, w2 {w2.shape}"
+    if x.shape[-1] != d:
+        return f"x has {x.shape[-1]} features, experts expect {d}"
+    for why in (gm.supported(1, i, d), gm.supported(1, d, i)):
+        if why is not None:
+            return why
+    if (w1.input_scale is None) != (w3.input_scale is None):
+        return "w1 and w3 disagree on W4A4 (input_scale)"
+    return None
+
+
+def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.Array,
+                swiglu_limit: float | None, *, out_dtype=None, config: gm.Config | None = None,
+                interpret: bool = False) -> jax.Array:
+    """x [T, D]; w1, w3 NVFP4 [E, I, D]; w2 NVFP4 [E, D, I]; topk_idx [T, k] int; topk_weight [T, k] -> [T, D]."""
+    if (why := supported(x, w1, w3, w2)) is not None:
+        raise ValueError(f"fused_moe.moe_experts: {why}")
+    if topk_idx.shape != topk_weight.shape or topk_idx.ndim != 2 or topk_idx.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_idx {topk_idx.shape} and topk_weight {topk_weight.shape} must both be [T={x.shape[0]}, k]")
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    t, k = topk_idx.shape
+    e, inter, d = w1.shape
+    m = t * k
+    order, group_sizes = _reference.route_sort(topk_idx, e)
+    token_of_row = order // k
+    route_w = topk_weight.reshape(-1)[order].astype(jnp.float32)                    # [M]
+
+    xs = x[token_of_row].astype(jnp.bfloat16)                                         # [M, D]
+    if w1.input_scale is not None:
+        g13 = _shared_input_scale(w1.input_scale, w3.input_scale)
+        xs = act_quant.quantize_dequantize_grouped(xs, g13, group_sizes)
+    rs1 = gm.epilogue_row_scale(w1.global_scale, e, inter, w1.input_scale)
+    rs3 = gm.epilogue_row_scale(w3.global_scale, e, inter, w3.input_scale)
+    cfg1 = config or gm.default_config(m, e, num_weights=2)
+    h = gm._launch(xs, [w1.packed, w3.packed], [w1.block_scale, w3.block_scale], [rs1, rs3], group_sizes,
+                   route_w, jnp.dtype(x.dtype), cfg1, "swiglu", swiglu_limit, interpret)     # [M, I]
+
+    if w2.input_scale is not None:
+        h = act_quant.quantize_dequantize_grouped(h, w2.input_scale, group_sizes)
+    rs2 = gm.epilogue_row_scale(w2.global_scale, e, d, w2.input_scale)
+    cfg2 = config or gm.default_config(m, e)
+    y = gm._launch(h, [w2.packed], [w2.block_scale], [rs2], group_sizes, None, jnp.dtype(jnp.bfloat16),
+                   cfg2, "linear", None, interpret)                                           # [M, D]
+    inv = jnp.argsort(order)
+    out = y[inv].astype(jnp.float32).reshape(t, k, d).sum(axis=1)
+    return out.astype(out_dtype)
+
+
+def _shared_input_scale(g1, g3):
+    """Gate and up share their input; checkpoints store one input scale for both (use the larger if not)."""
+    return jnp.maximum(jnp.asarray(g1, jnp.float32), jnp.asarray(g3, jnp.float32))
+
+
+def reference(x, w1, w3, w2, topk_idx, topk_weight, swiglu_limit, *, out_dtype=None):
+    """What `moe_experts` computes: pallas_kernels/reference.py (fp32, dequantized weights)."""
+    return _reference.moe_experts(x, w1, w3, w2, topk_idx, topk_weight, swiglu_limit, out_dtype=out_dtype)
