@@ -60,6 +60,8 @@ def linear(x: jax.Array, w, *, out_dtype=None, name: str | None = None) -> jax.A
         out_dtype = out_dtype or x.dtype
         y = jnp.einsum("...k,nk->...n", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
         return y.astype(out_dtype)
+    if _use_nvfp4_kernel(w, 2, x.size // max(x.shape[-1], 1)):
+        return _nvfp4_linear(x, w, out_dtype)
     return reference.linear(x, w, out_dtype=out_dtype)
 
 
@@ -83,6 +85,9 @@ def linear_per_group(x: jax.Array, w, *, out_dtype=None, name: str | None = None
 
 def grouped_linear(x: jax.Array, w, group_sizes: jax.Array, *, out_dtype=None) -> jax.Array:
     """Ragged grouped matmul: x [M, K] sorted by group, w [E, N, K], group_sizes [E] -> [M, N]."""
+    if _use_nvfp4_kernel(w, 3, x.shape[0]):
+        from pallas_kernels import grouped_matmul
+        return grouped_matmul.grouped_linear(x, w, group_sizes, out_dtype=out_dtype)
     return reference.grouped_linear(x, w, group_sizes, out_dtype=out_dtype)
 
 
@@ -103,7 +108,34 @@ def moe_experts(x, w1, w3, w2, topk_idx, topk_weight, swiglu_limit, *, out_dtype
         from pallas_kernels import ep_moe
         return ep_moe.moe_experts_ep(x, w1, w3, w2, topk_idx, topk_weight, swiglu_limit, mesh=mesh,
                                      out_dtype=out_dtype)
+    if kernels_enabled() and x.shape[0] > 0:
+        from pallas_kernels import fused_moe
+        if fused_moe.supported(x, w1, w3, w2) is None:
+            return fused_moe.moe_experts(x, w1, w3, w2, topk_idx, topk_weight, swiglu_limit, out_dtype=out_dtype)
     return reference.moe_experts(x, w1, w3, w2, topk_idx, topk_weight, swiglu_limit, out_dtype=out_dtype)
+
+
+def _use_nvfp4_kernel(w, ndim: int, rows: int) -> bool:
+    """The Hopper NVFP4 kernel takes this weight: NVFP4 of the given rank, a shape the kernel tiles, kernels on."""
+    if type(w).__name__ != "NVFP4Tensor" or w.ndim != ndim or rows == 0 or not kernels_enabled():
+        return False
+    from pallas_kernels import grouped_matmul
+    n, k = w.shape[-2:]
+    return grouped_matmul.supported(rows, n, k) is None
+
+
+def _nvfp4_linear(x, w, out_dtype):
+    """A dense NVFP4 linear [N, K] as the one-group case of the grouped kernel."""
+    from megamoe_jax.quant.nvfp4 import NVFP4Tensor
+    from pallas_kernels import grouped_matmul
+    n, k = w.shape
+    g = jnp.asarray(w.global_scale, jnp.float32)
+    g = g.reshape(1, 1) if g.size == 1 else g.reshape(1, n)
+    ga = None if w.input_scale is None else jnp.asarray(w.input_scale, jnp.float32).reshape(())
+    w3 = NVFP4Tensor(w.packed[None], w.block_scale[None], g, ga)
+    rows = x.reshape(-1, k)
+    y = grouped_matmul.grouped_linear(rows, w3, jnp.full((1,), rows.shape[0], jnp.int32), out_dtype=out_dtype)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def _expert_mesh():

@@ -2,15 +2,18 @@
 
     out[t] = sum_j w[t, j] * W2[e] (swiglu(W1[e] x[t], W3[e] x[t]))      e = topk_idx[t, j]    (reference.moe_experts)
 
+The routing weight scales the down projection's fp32 output (as the reference: W4A4 checkpoints calibrate the
+down projection's input scale on the unweighted SwiGLU output).
+
 HBM round trips (what the hardware allows without a grid-wide barrier between the two matmuls):
 1. XLA: sort the T*k (token, slot) pairs by expert and gather the token rows (already in the column order the
    kernel's decoded weights use, see nvfp4_decode.k_permutation); W4A4 quantizes them here.
 2. Kernel (grouped_matmul, "swiglu" epilogue): each CTA streams the matching 64-row tiles of W1 and W3 of one
    expert, so gate and up for the same intermediate columns meet in one warpgroup's registers; the epilogue
-   applies DeepSeek-V4's clamps, SiLU, the product and the routing weight and writes h [T*k, I] in bf16 only
-   (gate and up never reach HBM).
+   applies DeepSeek-V4's clamps, SiLU and the product and writes h [T*k, I] in bf16 only (gate and up never
+   reach HBM).
 3. Kernel (grouped_matmul, "linear"): y = h W2^T per expert, [T*k, D].
-4. XLA: un-sort and sum the k rows of each token (fp32).
+4. XLA: weight each row by its routing weight, un-sort and sum the k rows of each token (fp32).
 Only the weights of experts that received tokens are read, once per 128-row N tile of the activation rows.
 """
 from __future__ import annotations
@@ -66,16 +69,17 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
     rs3 = gm.epilogue_row_scale(w3.global_scale, e, inter, w3.input_scale)
     cfg1 = config or gm.default_config(m, e, num_weights=2)
     h = gm._launch(xs, [w1.packed, w3.packed], [w1.block_scale, w3.block_scale], [rs1, rs3], group_sizes,
-                   route_w, jnp.dtype(x.dtype), cfg1, "swiglu", swiglu_limit, interpret)     # [M, I]
+                   jnp.dtype(x.dtype), cfg1, "swiglu", swiglu_limit, interpret)              # [M, I]
 
     if w2.input_scale is not None:
         h = act_quant.quantize_dequantize_grouped(h, w2.input_scale, group_sizes)
     rs2 = gm.epilogue_row_scale(w2.global_scale, e, d, w2.input_scale)
     cfg2 = config or gm.default_config(m, e)
-    y = gm._launch(h, [w2.packed], [w2.block_scale], [rs2], group_sizes, None, jnp.dtype(jnp.bfloat16),
+    y = gm._launch(h, [w2.packed], [w2.block_scale], [rs2], group_sizes, jnp.dtype(jnp.bfloat16),
                    cfg2, "linear", None, interpret)                                           # [M, D]
+    y = y.astype(jnp.float32) * route_w[:, None]
     inv = jnp.argsort(order)
-    out = y[inv].astype(jnp.float32).reshape(t, k, d).sum(axis=1)
+    out = y[inv].reshape(t, k, d).sum(axis=1)
     return out.astype(out_dtype)
 
 

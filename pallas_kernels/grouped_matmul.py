@@ -18,7 +18,7 @@ Structure (per CTA, persistent over the SMs; tokamax's sm90 quantized kernel has
   groups with rows are visited; rows past sum(group_sizes) get explicit zero items.
 
 Two epilogues share the body: "linear" (out = acc * row_scale) and "swiglu" (two weights, W1 and W3, in the
-same CTA: out = silu(min(g, L)) * clip(u, -L, L) * route_weight[row]); the latter is used by `fused_moe`.
+same CTA: out = silu(min(g, L)) * clip(u, -L, L)); the latter is used by `fused_moe`.
 """
 from __future__ import annotations
 
@@ -40,7 +40,6 @@ _CTA_ROWS = _COMPUTE_WGS * _WG_ROWS
 _TILE_K = 256                       # 128 B of packed codes and 16 B of scales per row per step (TMA minimum)
 _WGMMA = plgpu.Layout.WGMMA
 _WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
-_WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,10 +169,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         s_gmems = refs[nw:2 * nw]
         rs_gmems = refs[2 * nw:3 * nw]
         rest = refs[3 * nw:]
-        if epilogue == "swiglu":
-            rw_gmem, o_gmem, scratch = rest[0], rest[1], rest[2:]
-        else:
-            rw_gmem, o_gmem, scratch = None, rest[0], rest[1:]
+        o_gmem, scratch = rest[0], rest[1:]
         (x_smem, w_smem, s_smem, o_smem, x_bar, w_bar, o_bar, x_free, w_free, o_free, *a_smem) = scratch
         if interpret:
             w_u8 = w_i4 = w_smem
@@ -230,8 +226,6 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                     scaled.append(accs[j] * _row_scale(rs_gmems[j], g, n0, tm, dims, epi_fold, interpret))
                 if epilogue == "swiglu":
                     out = _swiglu(scaled[0], scaled[1], limit)
-                    rw = _load_col_vector(rw_gmem, load_start, tm, interpret)
-                    out = out * lax.broadcast_in_dim(rw, (_WG_ROWS, tm), [1])
                 else:
                     out = scaled[0]
                 # Zero-tail items ran no wgmma: the accumulator is still zero, and so is `out`.
@@ -366,12 +360,6 @@ def _row_scale(rs_gmem, g, n0, tm, dims: _Dims, epi_fold: float, interpret: bool
     return rs_gmem[g, 0] * epi_fold
 
 
-def _load_col_vector(ref, start, length, interpret):
-    if interpret:
-        return lax.dynamic_slice_in_dim(ref[...], start, length)
-    return plgpu.load(ref.at[pl.ds(start, length)], layout=_WGMMA_COL, optimized=False)
-
-
 def _swiglu(g, u, limit):
     """DeepSeek-V4 clamped SwiGLU in fp32 (same formula as reference.swiglu)."""
     if limit is not None:
@@ -476,12 +464,13 @@ def grouped_matmul(x: jax.Array, packed: jax.Array, block_scale: jax.Array, glob
     if input_scale is not None:
         x = act_quant.quantize_dequantize_grouped(x, input_scale, group_sizes, interpret=interpret)
     rs = epilogue_row_scale(global_scale, e, n, input_scale)
-    return _launch(x.astype(jnp.bfloat16), [packed], [block_scale], [rs], group_sizes, None, out_dtype,
+    return _launch(x.astype(jnp.bfloat16), [packed], [block_scale], [rs], group_sizes, out_dtype,
                    config or default_config(m, e), "linear", None, interpret)
 
 
-def _launch(x, packs, scales, row_scales, group_sizes, route_weight, out_dtype, cfg: Config, epilogue,
-            swiglu_limit, interpret):
+def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, epilogue, swiglu_limit,
+            interpret):
+    """Run the kernel: x [M, K] (natural column order), 1 or 2 NVFP4 weights [E, N, K] -> [M, N]."""
     m, k = x.shape
     e, n, _ = packs[0].shape
     tm = cfg.tile_m
@@ -499,8 +488,6 @@ def _launch(x, packs, scales, row_scales, group_sizes, route_weight, out_dtype, 
     dims = _Dims(m=m, k=k, n=n, e=e, num_weights=len(packs), row_scale_per_row=per_row, out_dtype=out_dtype)
     body, scratch = _build_kernel(dims, cfg, epilogue, swiglu_limit, interpret)
     args = [items, count, xp, *packs, *scales, *row_scales]
-    if epilogue == "swiglu":
-        args.append(jnp.pad(route_weight.astype(jnp.float32), (0, mp + tm - route_weight.shape[0])))
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
@@ -510,7 +497,7 @@ def _launch(x, packs, scales, row_scales, group_sizes, route_weight, out_dtype, 
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        interpret=_interpret_params() if interpret else None,
     )
     out = kernel(*args)
     return out if mp == m else out[:m]
@@ -527,3 +514,11 @@ def reference(x: jax.Array, w, group_sizes: jax.Array, *, out_dtype=None) -> jax
     """What `grouped_linear` computes, from pallas_kernels/reference.py (fp32, dequantized weights)."""
     from pallas_kernels import reference as ref
     return ref.grouped_linear(x, w, group_sizes, out_dtype=out_dtype)
+
+
+def _interpret_params():
+    import os
+    if os.environ.get("MEGAMOE_INTERPRET_LOG"):
+        from jax._src.pallas.mosaic.interpret.params import LoggingMode
+        return plgpu.InterpretGPUParams(logging_mode=LoggingMode.BARRIER)
+    return plgpu.InterpretGPUParams()

@@ -1,0 +1,48 @@
+"""CPU: the fused MoE expert path (two Mosaic GPU kernels in interpret mode + XLA glue) against
+reference.moe_experts, and its shape checks. Outputs go through two bf16 roundings (h and y) like the reference's
+own bf16 intermediate, so the bound is relative to the largest output: max |out - ref| <= 2^-6 max |ref|."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from megamoe_jax.quant import nvfp4
+from pallas_kernels import fused_moe
+from pallas_kernels import grouped_matmul as gm
+
+
+def _experts(key, e, d, i, w4a4=False):
+    ks = jax.random.split(key, 4)
+    ga = jax.random.uniform(ks[3], (e,), minval=0.002, maxval=0.01) if w4a4 else None
+    def q(k, shape, scale):
+        t = nvfp4.quantize(jax.random.normal(k, shape) * scale, batch_dims=1)
+        return nvfp4.NVFP4Tensor(t.packed, t.block_scale, t.global_scale, ga)
+    return q(ks[0], (e, i, d), 1.0), q(ks[1], (e, i, d), 1.0), q(ks[2], (e, d, i), 0.1)
+
+
+@pytest.mark.parametrize("w4a4,limit", [(False, 3.0), (True, None)])
+def test_fused_moe_interpret_matches_reference(w4a4, limit):
+    e, d, i, t, k = 4, 256, 256, 5, 2
+    w1, w3, w2 = _experts(jax.random.PRNGKey(int(w4a4)), e, d, i, w4a4)
+    x = jax.random.normal(jax.random.PRNGKey(7), (t, d)).astype(jnp.bfloat16)
+    idx = jnp.array([[0, 2], [2, 3], [0, 3], [2, 0], [3, 2]], jnp.int32)      # expert 1 gets no tokens
+    tw = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(8), (t, k)), -1)
+    out = fused_moe.moe_experts(x, w1, w3, w2, idx, tw, limit, interpret=True,
+                                config=gm.Config(tile_m=8, num_stages=1))
+    ref = np.asarray(fused_moe.reference(x, w1, w3, w2, idx, tw, limit, out_dtype=jnp.float32))
+    out = np.asarray(out.astype(jnp.float32))
+    assert out.shape == (t, d) and np.isfinite(out).all()
+    assert np.abs(out - ref).max() <= 2.0 ** -6 * np.abs(ref).max()
+
+
+def test_fused_moe_supported_reasons():
+    w1, w3, w2 = _experts(jax.random.PRNGKey(0), 2, 256, 256)
+    x = jnp.ones((3, 256), jnp.bfloat16)
+    assert fused_moe.supported(x, w1, w3, w2) is None
+    assert "w2" in fused_moe.supported(x, w1, w3, w2.dequantize())
+    w3_wide, _, _ = _experts(jax.random.PRNGKey(1), 2, 256, 512)
+    assert "disagree" in fused_moe.supported(x, w1, w3_wide, w2)
+    assert "features" in fused_moe.supported(jnp.ones((3, 128), jnp.bfloat16), w1, w3, w2)
+    with pytest.raises(ValueError, match="topk"):
+        fused_moe.moe_experts(x, w1, w3, w2, jnp.zeros((3, 2), jnp.int32), jnp.ones((3, 1)), None)

@@ -1,0 +1,107 @@
+"""CPU: the NVFP4 grouped-matmul kernel's work list, its decode math, and the kernel itself in Mosaic GPU
+interpret mode (the real kernel body, simulated threads and barriers) against pallas_kernels/reference.py.
+
+Bound used for kernel outputs (products exact, fp32 sums in another order, one bf16 rounding of the output):
+    |out - ref| <= 2^-8 |ref| + 1e-5 (|x| @ |W|^T)
+"""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from megamoe_jax.quant import nvfp4
+from pallas_kernels import grouped_matmul as gm
+from pallas_kernels import nvfp4_decode
+from pallas_kernels import reference
+
+
+def _weight(key, e, n, k, per_row=False, input_scale=None):
+    k1, k2 = jax.random.split(key)
+    w = jax.random.normal(k1, (e, n, k)) * jnp.exp(jax.random.uniform(k2, (e, n, 1), minval=-3, maxval=3))
+    t = nvfp4.quantize(w, batch_dims=2 if per_row else 1)
+    if input_scale is not None:
+        t = nvfp4.NVFP4Tensor(t.packed, t.block_scale, t.global_scale, jnp.asarray(input_scale, jnp.float32))
+    return t
+
+
+def _assert_close(out, x, w, gs):
+    ref = np.asarray(gm.reference(x, w, gs, out_dtype=jnp.float32))
+    mag = np.asarray(reference.grouped_linear(jnp.abs(x.astype(jnp.float32)) * 1.01,
+                                              jnp.abs(w.dequantize(jnp.float32)), gs, out_dtype=jnp.float32))
+    out = np.asarray(out.astype(jnp.float32))
+    assert out.shape == ref.shape
+    assert np.isfinite(out).all()
+    bad = np.abs(out - ref) > 2.0 ** -8 * np.abs(ref) + 1e-5 * mag
+    assert not bad.any(), f"{bad.sum()} of {bad.size} elements out of bound"
+
+
+@pytest.mark.parametrize("sizes,m,tile_m", [
+    ([5, 0, 1, 14], 20, 8),
+    ([9, 1, 0, 20, 0, 0, 3], 40, 16),          # tail rows [33, 40)
+    ([0, 0, 0], 5, 8),                          # no group has rows: all zero tail
+    ([300, 1, 0, 211], 512, 128),
+    ([1] * 16, 16, 8),
+])
+def test_work_list_covers_every_row_once(sizes, m, tile_m):
+    items, count = gm.build_work_list(jnp.asarray(sizes, jnp.int32), m, tile_m)
+    items, count = np.asarray(items), int(count[0])
+    assert items.shape == (4, gm.max_items(m, len(sizes), tile_m)) and count <= items.shape[1]
+    ends = np.cumsum(sizes)
+    owner = np.full(m, -2)
+    for g, start, off, size in items[:, :count].T:
+        assert start % 8 == 0 and 0 <= off < 8 and off + size <= tile_m and size > 0
+        for r in range(start + off, start + off + size):
+            assert owner[r] == -2, f"row {r} covered twice"
+            owner[r] = g
+    expect = np.searchsorted(ends, np.arange(m), side="right")
+    expect = np.where(expect < len(sizes), expect, -1)
+    np.testing.assert_array_equal(owner, expect)
+    assert (items[:, count:] == np.array([[-1], [0], [0], [0]])).all()
+
+
+def test_decode_matches_dequantize_and_permutation():
+    w = _weight(jax.random.PRNGKey(0), 2, 8, 64)
+    dec = nvfp4_decode.decode_jnp(w.packed, w.block_scale, nvfp4_decode.SUBNORMAL).astype(jnp.float32)
+    ref = nvfp4.dequantize(nvfp4.NVFP4Tensor(w.packed, w.block_scale, jnp.ones((2, 1), jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(dec) * 2.0 ** 8, np.asarray(ref))
+    p = nvfp4_decode.k_permutation(256)
+    np.testing.assert_array_equal(p[p], np.arange(256))
+    a = jnp.arange(3 * 256).reshape(3, 256)
+    np.testing.assert_array_equal(np.asarray(nvfp4_decode.permute_k(a)), np.asarray(a)[:, p])
+
+
+CASES = [
+    # m, group sizes, (E, N, K), config, mode
+    (20, [5, 0, 1, 14], (4, 128, 256), gm.Config(tile_m=8, num_stages=1), "w4a16"),
+    (37, [9, 1, 0, 20], (4, 256, 512), gm.Config(tile_m=16, num_stages=2), "per_row"),   # 7 zero tail rows
+    (24, [0, 17, 1, 6], (4, 128, 256), gm.Config(tile_m=16, num_stages=1), "w4a4"),
+]
+
+
+@pytest.mark.parametrize("m,sizes,shape,cfg,mode", CASES)
+def test_kernel_interpret_matches_reference(m, sizes, shape, cfg, mode):
+    e, n, k = shape
+    kx, kw, ks = jax.random.split(jax.random.PRNGKey(m), 3)
+    ga = jax.random.uniform(ks, (e,), minval=0.01, maxval=0.1) if mode == "w4a4" else None
+    w = _weight(kw, e, n, k, per_row=mode == "per_row", input_scale=ga)
+    x = (jax.random.normal(kx, (m, k)) * 3).astype(jnp.bfloat16)
+    gs = jnp.asarray(sizes, jnp.int32)
+    out = gm.grouped_linear(x, w, gs, config=cfg, interpret=True)
+    _assert_close(out, x, w, gs)
+
+
+def test_bad_input_is_rejected_with_a_reason():
+    w = _weight(jax.random.PRNGKey(1), 2, 128, 256)
+    x = jnp.ones((4, 256), jnp.bfloat16)
+    gs = jnp.asarray([2, 2], jnp.int32)
+    with pytest.raises(ValueError, match="x must be"):
+        gm.grouped_linear(jnp.ones((4, 128), jnp.bfloat16), w, gs)
+    with pytest.raises(ValueError, match="group_sizes"):
+        gm.grouped_linear(x, w, jnp.asarray([4], jnp.int32))
+    with pytest.raises(ValueError, match="block scales"):
+        gm.grouped_matmul(x, w.packed, w.block_scale[:, :, :8], w.global_scale, gs)
+    with pytest.raises(ValueError, match="not a multiple of 256"):
+        small = _weight(jax.random.PRNGKey(2), 2, 128, 128)
+        gm.grouped_linear(jnp.ones((4, 128), jnp.bfloat16), small, gs)
+    assert gm.supported(8, 4096, 4096) is None and "N=96" in gm.supported(8, 96, 256)
