@@ -51,7 +51,7 @@ def quantize_dequantize_grouped(x: jax.Array, input_scale: jax.Array, group_size
     if g.ndim == 1:
         e = group_sizes.shape[0]
         ends = jnp.cumsum(group_sizes)
-        gid = jnp.minimum(jnp.searchsorted(ends, jnp.arange(m), side="right"), e - 1)
+        gid = jnp.minimum(jnp.searchsorted(ends, jnp.arange(m), side="right", method="compare_all"), e - 1)
         g = g[gid]
     packed, scale = quantize(x, g)
     from pallas_kernels import nvfp4_decode

@@ -108,7 +108,7 @@ def build_work_list(group_sizes: jax.Array, m: int, tile_m: int):
     count = seg_last[-1]
     n = max_items(m, e, tile_m)
     idx = jnp.arange(n, dtype=jnp.int32)
-    seg = jnp.minimum(jnp.searchsorted(seg_last, idx, side="right").astype(jnp.int32), e)
+    seg = jnp.minimum(jnp.searchsorted(seg_last, idx, side="right", method="compare_all").astype(jnp.int32), e)
     load_start = seg_a0[seg] + (idx - seg_first[seg]) * tile_m
     lo = jnp.maximum(load_start, seg_start[seg])
     hi = jnp.minimum(load_start + tile_m, seg_end[seg])
