@@ -130,14 +130,17 @@ def copy_bandwidth() -> float:
 def time_decode(model, cfg, batch, context, steps, repeats):
     gen = Generator(model)
     capacity = context + steps + 16
-    decode = gen.decode_fn(steps, Sampling(), (), 0, False)
+    sampling = Sampling()
+    decode = gen.decode_fn(steps, sampling.static, False)
+    stops = jnp.full((4,), -1, jnp.int32)
     logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
     times = []
     for r in range(repeats + 1):
         state = random_state(model, batch, context, capacity)
         jax.block_until_ready(state)
         t0 = time.perf_counter()
-        out, n = decode(gen.params, state, logits, jax.random.key(r))
+        out, n = decode(gen.params, state, logits, jax.random.key(r), jnp.int32(steps), stops, jnp.int32(0),
+                        jnp.float32(1.0), jnp.float32(1.0))
         out.block_until_ready()
         if r:  # the first call compiles
             times.append(time.perf_counter() - t0)
