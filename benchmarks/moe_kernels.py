@@ -152,10 +152,10 @@ def grouped(res, tokens, baselines: bool, n_routings: int = 3):
     res["grouped"] = rows
 
 
-SWEEP = {
-    1: [(8, 6), (16, 6), (16, 4)],
-    64: [(16, 6), (32, 5), (32, 3), (64, 3)],
-    8192: [(128, 2), (64, 3), (64, 4)],
+SWEEP = {    # (tile_m, num_stages, natural_k)
+    64: [(32, 5, False), (32, 5, True)],
+    256: [(16, 6, False), (16, 6, True)],
+    8192: [(128, 2, True), (64, 3, True)],
 }
 
 
@@ -173,7 +173,7 @@ def sweep(res):
             x = jax.random.normal(jax.random.PRNGKey(r), (m, k), jnp.float32).astype(jnp.bfloat16)
             sets.append((x, jnp.asarray(group_sizes_of(idx)), w))
         for c in cfgs:
-            cfg = gm.Config(tile_m=c[0], num_stages=c[1])
+            cfg = gm.Config(tile_m=c[0], num_stages=c[1], natural_k=c[2])
             f = jax.jit(lambda x, gs, w, cfg=cfg: gm.grouped_linear(x, w, gs, config=cfg))
             ms = safe(measure, f, *sets)
             out.append(dict(T=t, config=str(cfg), ms=ms))

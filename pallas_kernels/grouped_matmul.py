@@ -48,9 +48,12 @@ class Config:
 
     tile_m: activation rows per work item (wgmma N, multiple of 8, power of two).
     num_stages: depth of the TMA pipeline over K (each stage: 128 x 256 weights and tile_m x 256 activations).
+    natural_k: relayout the codes in registers so K keeps its order (prefill: no pass over x); False decodes
+      without the relayout and permutes x instead (decode: x is small, the kernel is cheaper). nvfp4_decode.
     """
     tile_m: int = 64
     num_stages: int = 4
+    natural_k: bool = False
 
     def __post_init__(self):
         if self.tile_m < 8 or self.tile_m > 256 or self.tile_m & (self.tile_m - 1):
@@ -62,6 +65,7 @@ class Config:
 def default_config(m: int, num_groups: int, num_weights: int = 1) -> Config:
     """Decode-sized problems (few rows per group) get small row tiles and deep pipelines; prefill gets 128 rows."""
     rows_per_group = m / max(1, min(num_groups, m))
+    natural_k = m >= 1536          # permuting x in XLA costs a pass over it; worth it only while x is small
     if m <= 16 * num_groups and rows_per_group <= 16:
         cfg = Config(tile_m=16, num_stages=6)
     elif rows_per_group <= 48:
@@ -73,7 +77,7 @@ def default_config(m: int, num_groups: int, num_weights: int = 1) -> Config:
     if num_weights == 2:   # two weight tiles per stage: halve the depth, keep SMEM under 227 KB
         cfg = dataclasses.replace(cfg, num_stages=max(2, cfg.num_stages // 2 + (cfg.tile_m <= 32)),
                                   tile_m=min(cfg.tile_m, 64))
-    return cfg
+    return dataclasses.replace(cfg, natural_k=natural_k)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -207,7 +211,8 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                             for j in range(nw):
                                 slot = j * _COMPUTE_WGS + wg      # this warpgroup's 64 rows of weight j
                                 a_ops.append(_decode_operand(w_u8.at[si, slot], w_i4.at[si, slot],
-                                                             s_smem.at[si, slot], variant, interpret))
+                                                             s_smem.at[si, slot], variant, cfg.natural_k,
+                                                             interpret))
                             plgpu.barrier_arrive(w_free.at[si])
                             plgpu.barrier_wait(x_bar.at[si])
                             for j in range(nw):
@@ -333,10 +338,11 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
     return kernel, scratch
 
 
-def _decode_operand(w_u8, w_i4, s_ref, variant, interpret):
-    """One warpgroup's [64, 256] weight tile -> scaled bf16 wgmma operand (value * s_b / 2^8, K permuted)."""
+def _decode_operand(w_u8, w_i4, s_ref, variant, natural_k, interpret):
+    """One warpgroup's [64, 256] weight tile -> scaled bf16 wgmma operand (value * s_b / 2^8)."""
     if interpret:
-        return nvfp4_decode.permute_k(nvfp4_decode.decode_jnp(w_u8[...], s_ref[...], variant))
+        w = nvfp4_decode.decode_jnp(w_u8[...], s_ref[...], variant)
+        return w if natural_k else nvfp4_decode.permute_k(w)
 
     @plgpu.inline_mgpu(
         arg_types=(plgpu.RefType(transforms=_W_I4_TRANSFORMS), plgpu.RefType()),
@@ -344,7 +350,7 @@ def _decode_operand(w_u8, w_i4, s_ref, variant, interpret):
     )
     def decode(ctx, w_ref, s_ref):
         del ctx
-        return nvfp4_decode.decode_tile_mgpu(w_ref, s_ref, variant)
+        return nvfp4_decode.decode_tile_mgpu(w_ref, s_ref, variant, natural_k)
 
     return decode(w_i4, s_ref)
 
@@ -479,8 +485,8 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
     m8 = (m + 7) // 8 * 8
     mp = max(m8, tm) if not interpret else m8 + tm
     xp = x if mp == m else jnp.pad(x, ((0, mp - m), (0, 0)))
-    # The decoded weight operand has K permuted within 32-column groups (nvfp4_decode); permute x to match.
-    xp = nvfp4_decode.permute_k(xp)
+    if not cfg.natural_k:   # the decoded weight operand has K permuted in 32-column groups; permute x to match
+        xp = nvfp4_decode.permute_k(xp)
     items, count = build_work_list(group_sizes, m, tm)
     per_row = any(r.shape[1] != 1 for r in row_scales)
     if per_row:

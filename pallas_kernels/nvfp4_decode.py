@@ -118,10 +118,14 @@ def permute_k(a: jax.Array) -> jax.Array:
     return jnp.swapaxes(a, -3, -2).reshape(*lead, k)      # (t, j, q, b)
 
 
-def decode_tile_mgpu(w_ref, s_ref, variant: DecodeVariant):
+def decode_tile_mgpu(w_ref, s_ref, variant: DecodeVariant, natural_k: bool = False):
     """Inside inline_mgpu: int4 SMEM tile [64, 256] (tiled (8, 256), swizzle 128) + E4M3 scales [64, 16] ->
-    bf16 FragmentedArray [64, 256] in WGMMA layout = value * s_b * 2^-8, K permuted as in `k_permutation`."""
-    from jax.experimental.mosaic import gpu as mgpu
+    bf16 FragmentedArray [64, 256] in WGMMA layout = value * s_b * 2^-8.
+
+    natural_k=False: K permuted as in `k_permutation` (no register relayout; the activation is permuted instead).
+    natural_k=True: the int4 codes are first relaid into the WGMMA layout (a quad transpose of bytes: two
+    shuffles and a few prmt per 8 codes) so K keeps its natural order and the activation is used as is.
+    """
     from jax.experimental.mosaic.gpu import utils
     from jax.experimental.mosaic.gpu import fragmented_array as fa
     from jax._src.lib.mlir import ir
@@ -130,51 +134,68 @@ def decode_tile_mgpu(w_ref, s_ref, variant: DecodeVariant):
     if variant.name != "subnormal":
         raise NotImplementedError("the register decode implements the 'subnormal' variant")
     i32 = ir.IntegerType.get_signless(32)
-    i16 = ir.IntegerType.get_signless(16)
+    i8 = ir.IntegerType.get_signless(8)
     bf16 = ir.BF16Type.get()
     c32 = lambda v: arith.constant(i32, ir.IntegerAttr.get(i32, v if v < 2**31 else v - 2**32))
 
     codes = fa.FragmentedArray.load_tiled(w_ref, swizzle=128, is_signed=True, layout=fa.WGMMA_LAYOUT_UPCAST_4X)
-    regs = codes.registers                                   # [1, 8 (t), 1, 1, 2 (h), 1, 1, 1, 1] vector<8xi4>
-    assert regs.shape == (1, 8, 1, 1, 2, 1, 1, 1, 1), regs.shape
+    if natural_k:
+        regs = codes.to_layout(fa.WGMMA_LAYOUT).registers    # [1, 32 (T), 1, 1, 2 (h), ...] vector<2xi4>
+        assert regs.shape == (1, 32, 1, 1, 2, 1, 1, 1, 1), regs.shape
+        # Column tiles 4t..4t+3 of a row came out of one 32-bit register: byte j = tile 4t + j.
+        word = lambda t, h: utils.bitcast(utils.vector_concat(
+            [regs[0, 4 * t + j, 0, 0, h, 0, 0, 0, 0] for j in range(4)]), i32)
+    else:
+        regs = codes.registers                               # [1, 8 (t), 1, 1, 2 (h), ...] vector<8xi4>
+        assert regs.shape == (1, 8, 1, 1, 2, 1, 1, 1, 1), regs.shape
+        word = lambda t, h: utils.bitcast(regs[0, t, 0, 0, h, 0, 0, 0, 0], i32)
 
-    # Scales: thread rows r = 16 * warp + lane // 4 + 8 h; block of word t is 2t + q // 2 (q = lane % 4).
+    # Scales: thread rows r = 16 * warp + lane // 4 + 8 h. Permuted K: the word of group t holds block
+    # 2t + q // 2 (q = lane % 4). Natural K: bytes 0, 1 of the word are in block 2t, bytes 2, 3 in 2t + 1.
     tid = arith.remui(utils.thread_idx(), c32(128))
     lane = arith.remui(tid, c32(32))
     row0 = arith.addi(arith.muli(arith.divui(tid, c32(32)), c32(16)), arith.divui(lane, c32(4)))
     odd = arith.muli(arith.divui(arith.remui(lane, c32(4)), c32(2)), c32(8))     # 8 * (q // 2): bit shift
     base = utils.memref_ptr(s_ref)
-    i8 = ir.IntegerType.get_signless(8)
     v4i32 = ir.VectorType.get((4,), i32)
     m_lo = c32(0x0FFF0FFF)
     fold = c32(0x73007300)                    # bf16 exponent offset: f16 -> bf16 (+112) and * 2^118
-    scales = {}                               # (t, h) -> bf16x2 register (s, s)
+    cvt = "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $1; cvt.rn.f16x2.e4m3x2 $0, lo; }"
+    scales = {}                               # (t, h, j) -> bf16x2 register (s, s)
     for h in range(2):
         row = arith.addi(row0, c32(8 * h))
-        ptr = utils.getelementptr(base, [arith.muli(row, c32(16))], i8)
-        words = llvm.load(v4i32, ptr)         # 16 scale bytes of this row, 16 B aligned
-        for wi in range(4):                   # word wi holds blocks 4wi .. 4wi+3 -> t = 2wi, 2wi+1
+        words = llvm.load(v4i32, utils.getelementptr(base, [arith.muli(row, c32(16))], i8))  # 16 B per row
+        for wi in range(4):                   # scale word wi holds blocks 4wi .. 4wi+3
             wv = vector.extract(words, dynamic_position=[], static_position=[wi])
-            wv = arith.shrui(wv, odd)         # wanted bytes now at positions 0 and 2
-            pair = utils.prmt(wv, wv, c32(0x5420))     # bytes [b0, b2, ...] -> low 16 bits = (s_2wi, s_2wi+1)
-            h2 = utils.inline_ptx("{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $1; cvt.rn.f16x2.e4m3x2 $0, lo; }",
-                                  pair, result_types=i32)
-            b2 = arith.addi(arith.andi(arith.shrui(h2, c32(3)), m_lo), fold)   # bf16x2 (s_a, s_b) * 2^118
-            scales[(2 * wi, h)] = utils.prmt(b2, b2, c32(0x1010))              # (s_a, s_a)
-            scales[(2 * wi + 1, h)] = utils.prmt(b2, b2, c32(0x3232))          # (s_b, s_b)
+            if natural_k:
+                for half, t in ((0x10, 2 * wi), (0x32, 2 * wi + 1)):
+                    pair = utils.prmt(wv, wv, c32(0x5400 | half))    # (s_2t, s_2t+1) in the low 16 bits
+                    b2 = arith.addi(arith.andi(arith.shrui(utils.inline_ptx(cvt, pair, result_types=i32),
+                                                           c32(3)), m_lo), fold)
+                    lo, hi = utils.prmt(b2, b2, c32(0x1010)), utils.prmt(b2, b2, c32(0x3232))
+                    for j in range(4):
+                        scales[(t, h, j)] = lo if j < 2 else hi
+            else:
+                wv = arith.shrui(wv, odd)     # wanted bytes now at positions 0 and 2
+                pair = utils.prmt(wv, wv, c32(0x5420))
+                b2 = arith.addi(arith.andi(arith.shrui(utils.inline_ptx(cvt, pair, result_types=i32),
+                                                       c32(3)), m_lo), fold)
+                for t, sel in ((2 * wi, 0x1010), (2 * wi + 1, 0x3232)):
+                    sc = utils.prmt(b2, b2, c32(sel))
+                    for j in range(4):
+                        scales[(t, h, j)] = sc
 
     v2bf16 = ir.VectorType.get((2,), bf16)
     m_mag, m_sign = c32(0x01C001C0), c32(0x80008000)
     out = np.empty((1, 32, 1, 1, 2, 1, 1, 1, 1), dtype=object)
     for t in range(8):
         for h in range(2):
-            w = utils.bitcast(regs[0, t, 0, 0, h, 0, 0, 0, 0], i32)
+            w = word(t, h)
             w4 = arith.shrui(w, c32(4))
-            s2 = utils.bitcast(scales[(t, h)], v2bf16)
             for j in range(4):
                 cw = utils.prmt(w, w4, c32(j | ((4 + j) << 8)))        # code 2j at bits 0-3, 2j+1 at 16-19
                 mag = arith.andi(arith.shli(cw, c32(6)), m_mag)
                 sign = arith.andi(arith.shli(cw, c32(12)), m_sign)
                 v = utils.bitcast(arith.ori(mag, sign), v2bf16)          # value * 2^-126 (bf16 pair)
-                out[0, 4 * t + j, 0, 0, h, 0, 0, 0, 0] = arith.mulf(v, s2)
+                out[0, 4 * t + j, 0, 0, h, 0, 0, 0, 0] = arith.mulf(v, utils.bitcast(scales[(t, h, j)], v2bf16))
     return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)

@@ -75,7 +75,7 @@ CASES = [
     # m, group sizes, (E, N, K), config, mode
     (20, [5, 0, 1, 14], (4, 128, 256), gm.Config(tile_m=8, num_stages=1), "w4a16"),
     (37, [9, 1, 0, 20], (4, 256, 512), gm.Config(tile_m=16, num_stages=2), "per_row"),   # 7 zero tail rows
-    (24, [0, 17, 1, 6], (4, 128, 256), gm.Config(tile_m=16, num_stages=1), "w4a4"),
+    (24, [0, 17, 1, 6], (4, 128, 256), gm.Config(tile_m=16, num_stages=1, natural_k=True), "w4a4"),
 ]
 
 

@@ -42,6 +42,8 @@ def test_dense_nvfp4_linear_through_dispatch():
     w = nvfp4.quantize(jax.random.normal(jax.random.PRNGKey(0), (512, 1024)))
     x = jax.random.normal(jax.random.PRNGKey(1), (3, 5, 1024)).astype(jnp.bfloat16)
     out = np.asarray(dispatch.linear(x, w).astype(jnp.float32))
-    ref = np.asarray(jnp.einsum("...k,nk->...n", x.astype(jnp.float32), w.dequantize(jnp.float32)))
-    mag = np.asarray(jnp.einsum("...k,nk->...n", jnp.abs(x.astype(jnp.float32)), jnp.abs(w.dequantize())))
+    hi = jax.lax.Precision.HIGHEST     # the GPU's default f32 matmul precision is not fp32
+    ref = np.asarray(jnp.einsum("...k,nk->...n", x.astype(jnp.float32), w.dequantize(jnp.float32), precision=hi))
+    mag = np.asarray(jnp.einsum("...k,nk->...n", jnp.abs(x.astype(jnp.float32)), jnp.abs(w.dequantize()),
+                                precision=hi))
     assert (np.abs(out - ref) <= 2.0 ** -8 * np.abs(ref) + 1e-5 * mag).all()

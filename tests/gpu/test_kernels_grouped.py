@@ -57,6 +57,8 @@ CASES = [
     (300, [0, 130, 1, 9, 0, 64, 77, 19], (8, 256, 1024), gm.Config(tile_m=64, num_stages=3)),
     (700, [255, 1, 0, 300, 100, 0, 0, 20], (8, 384, 1024), gm.Config(tile_m=128, num_stages=2)),
     (50, [3, 0, 40, 1], (4, 128, 512), gm.Config(tile_m=32, num_stages=2)),    # 6 tail rows (sum 44 < 50)
+    (45, [7, 0, 1, 30, 0, 2, 0, 0], (8, 256, 512), gm.Config(tile_m=16, num_stages=2, natural_k=True)),
+    (700, [255, 1, 0, 300, 100, 0, 0, 20], (8, 384, 1024), gm.Config(tile_m=128, num_stages=2, natural_k=True)),
 ]
 
 
@@ -75,7 +77,8 @@ def test_grouped_matches_reference(m, sizes, shape, cfg, mode):
     _check(out, x, w, gs)
 
 
-def test_decode_every_code_and_scale():
+@pytest.mark.parametrize("natural_k", [False, True])
+def test_decode_every_code_and_scale(natural_k):
     """One-hot activations read single weights back: all 16 codes x E4M3 scales 2^-9 .. 448 come out exact."""
     e, n, k = 1, 128, 256
     rng = np.random.default_rng(0)
@@ -85,7 +88,7 @@ def test_decode_every_code_and_scale():
     w = nvfp4.NVFP4Tensor(packed, scale, jnp.ones((e, 1), jnp.float32))
     x = jnp.eye(k, dtype=jnp.bfloat16)
     out = gm.grouped_linear(x, w, jnp.asarray([k], jnp.int32),
-                            config=gm.Config(tile_m=64, num_stages=1)).astype(jnp.float32)
+                            config=gm.Config(tile_m=64, num_stages=1, natural_k=natural_k)).astype(jnp.float32)
     # value * scale is exact in bf16, and so is the kernel's output of it (g = 1).
     expect = (nvfp4_decode.decode_jnp(packed, scale, nvfp4_decode.SELECT)[0].astype(jnp.float32)).T
     np.testing.assert_array_equal(np.asarray(out), np.asarray(expect))
