@@ -65,7 +65,9 @@ class Config:
 def default_config(m: int, num_groups: int, num_weights: int = 1) -> Config:
     """Decode-sized problems (few rows per group) get small row tiles and deep pipelines; prefill gets 128 rows."""
     rows_per_group = m / max(1, min(num_groups, m))
-    natural_k = m >= 1536          # permuting x in XLA costs a pass over it; worth it only while x is small
+    # Permuting x in XLA costs a pass over it (3.8 ms at 49152 x 4096: XLA's transpose of 4x4 blocks is slow), the
+    # relayout costs ~12% kernel time at decode sizes (RESULTS.md sweep: T=64 0.52 vs 0.58 ms, T=256 1.00 vs 1.06).
+    natural_k = m >= 4096
     if m <= 16 * num_groups and rows_per_group <= 16:
         cfg = Config(tile_m=16, num_stages=6)
     elif rows_per_group <= 48:
