@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import statistics
-import sys
-import time
 import traceback
 
 import jax

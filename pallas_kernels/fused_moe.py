@@ -23,7 +23,6 @@ import jax.numpy as jnp
 
 from pallas_kernels import act_quant
 from pallas_kernels import grouped_matmul as gm
-from pallas_kernels import nvfp4_decode
 from pallas_kernels import reference as _reference
 
 

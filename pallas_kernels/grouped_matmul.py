@@ -11,7 +11,10 @@ dequantized weight is ever written to HBM.
 Structure (per CTA, persistent over the SMs; tokamax's sm90 quantized kernel has the same shape):
 - two compute warpgroups, each owning 64 weight rows of the CTA's 128-row N tile: decode W into the wgmma
   register operand A ("swap AB": the weight is the M side, tokens are the N side, so a group with 3 rows costs
-  an M=64 x N=tile_m wgmma, not a 64-row tile), accumulate [64, tile_m] in fp32;
+  an M=64 x N=tile_m wgmma, not a 64-row tile), accumulate [64, tile_m] in fp32. The decode either skips the
+  register relayout and works on K permuted inside 32-column groups (the activation is permuted to match in
+  XLA: cheap while x is small, i.e. decode) or relayouts the packed codes first and keeps K in order (prefill);
+  `Config.natural_k`, chosen by `default_config`;
 - one memory warpgroup: warp 0 streams W and its scales, warp 1 the activation rows of the group (a power-of-two
   number of rows, so small groups read little), warp 2 stores the transposed result rows with TMA.
 - The work list (group, rows) is computed in XLA from `group_sizes` before the launch, compacted so that only
@@ -19,12 +22,17 @@ Structure (per CTA, persistent over the SMs; tokamax's sm90 quantized kernel has
 
 Two epilogues share the body: "linear" (out = acc * row_scale) and "swiglu" (two weights, W1 and W3, in the
 same CTA: out = silu(min(g, L)) * clip(u, -L, L)); the latter is used by `fused_moe`.
+
+Error bound (tests/gpu/test_kernels_grouped.py, both modes): |out - ref| <= 2^-8 |ref| + 1e-5 (|x| @ |W|^T).
+Limits: N % 128 == 0 and K % 256 == 0 (`supported`; the dispatcher falls back to the reference otherwise);
+W4A16 activations below ~2^-100 lose precision (the decoded weight carries a 2^-8 factor, products of
+magnitude < 2^-126 are fp32 subnormals); block-scale bytes must be finite and non-zero (every quantizer writes
+such scales; a zero-scale block with non-zero codes would not decode to zero).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -124,13 +132,6 @@ def build_work_list(group_sizes: jax.Array, m: int, tile_m: int):
                        jnp.where(valid, lo - load_start, 0),
                        jnp.where(valid, jnp.maximum(hi - lo, 0), 0)]).astype(jnp.int32)
     return items, count.astype(jnp.int32)[None]
-
-
-def _pow2_at_least(size):
-    """Smallest power of two >= size, at least 8 (elementwise on int32)."""
-    s = jnp.maximum(size, 8) - 1
-    bits = 32 - lax.clz(s)
-    return (1 << bits).astype(jnp.int32)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -456,7 +457,8 @@ def grouped_matmul(x: jax.Array, packed: jax.Array, block_scale: jax.Array, glob
 
     input_scale None: W4A16 (x used as given, bf16). input_scale g_a (scalar or [E]): W4A4, x is first
     quantized to NVFP4 with the global scale of its row's group (Blackwell numerics: exact products, fp32 sums).
-    Rows past sum(group_sizes) are zero. `interpret=True` runs the kernel in Mosaic GPU interpret mode (CPU).
+    Rows past sum(group_sizes) are zero. `interpret=True` runs the kernel in Mosaic GPU interpret mode (CPU;
+    see `_interpret_params` for the host-device requirement).
     """
     from pallas_kernels import act_quant  # local: act_quant imports this module's helpers indirectly
 
@@ -525,7 +527,12 @@ def reference(x: jax.Array, w, group_sizes: jax.Array, *, out_dtype=None) -> jax
 
 
 def _interpret_params():
-    import os
+    """GPU interpret mode (CPU). MEGAMOE_INTERPRET_LOG=1 logs every barrier wait (debugging a hang).
+
+    Each simulated thread blocks in an XLA:CPU callback, so interpret mode needs XLA to run several
+    computations at once: with a single host device on a 2-core machine it deadlocks; tests/conftest.py's 8
+    host devices (--xla_force_host_platform_device_count=8) are enough.
+    """
     if os.environ.get("MEGAMOE_INTERPRET_LOG"):
         from jax._src.pallas.mosaic.interpret.params import LoggingMode
         return plgpu.InterpretGPUParams(logging_mode=LoggingMode.BARRIER)

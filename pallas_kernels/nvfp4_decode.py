@@ -1,19 +1,17 @@
-"""NVFP4 (e2m1 codes + E4M3 block scales) -> bf16 decode, shared by the Hopper kernels.
+"""NVFP4 (e2m1 codes + E4M3 block scales) -> bf16 decode for the Hopper kernels.
 
-Hopper has no e2m1 conversion that Mosaic GPU will emit (its f4e2m1fn casts are Blackwell-only), so codes become
-bf16 through integer ops on the int4 code held in a register. Two variants compute the same products:
+Hopper has no e2m1 conversion that Mosaic GPU will emit (its f4e2m1fn casts are Blackwell-only), so the kernel
+turns codes into bf16 with integer ops on the packed 32-bit words it loads from shared memory: the sign goes to
+bit 15 and the magnitude bits (e1 e0 m) to bits 8..6 of a bf16 word, which is then exactly value(code) * 2^-126;
+the two codes with e = 0 (0 and 0.5) land on bf16 subnormals. Multiplying by bf16(s_b * 2^118) gives
+value * s_b * 2^-8 exactly (value * s_b has at most 6 significant bits and lies in [2^-10, 2688]); the remaining
+2^8 goes into the fp32 epilogue with the global scale. 2^118 rather than 2^126 because 448 * 2^126 overflows
+bf16. This needs the bf16 multiply to keep subnormal inputs, which sm90's `mul.bf16x2` does (verified for every
+code and every E4M3 scale by tests/gpu); XLA:CPU flushes them, so the jnp twin `decode_jnp` computes the same
+values in fp32 instead.
 
-- "subnormal" (fast, ~3 integer ops per element): the sign goes to bit 15 and the magnitude bits (e1 e0 m) to
-  bits 8..6 of a bf16 word, which is then exactly value(code) * 2^-126; the codes with e = 0 (0 and 0.5) land on
-  bf16 subnormals. The kernel multiplies by bf16(s_b * 2^118), giving value * s_b * 2^-8 exactly (value * s_b
-  has at most 6 significant bits and lies in [2^-10, 2688]); the epilogue multiplies by 2^8 with the global scale.
-  (2^118 rather than 2^126 because 448 * 2^126 overflows bf16.) Correct only where the bf16 multiply keeps
-  subnormal inputs: true for sm90's `mul.bf16x2`, false on XLA:CPU (flush-to-zero), hence the next variant.
-- "select" (exact everywhere, ~8 ops per element): normal codes get exponent field e + 126 directly, the codes 0
-  and 0.5 are selected explicitly; no fold factors.
-
-`decode_jnp` is the plain-jnp version used by GPU interpret mode and the tests; it produces the same bf16 values
-(computed exactly in fp32).
+`decode_tile_mgpu` is the register-level version (inside `plgpu.inline_mgpu`); `decode_jnp` is the plain-jnp
+version used by GPU interpret mode on the CPU and by the tests.
 """
 from __future__ import annotations
 
@@ -22,9 +20,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
-
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,31 +29,8 @@ class DecodeVariant:
     epilogue_fold: float   # ... and the fp32 accumulator by this (with the global scale)
 
 
-SUBNORMAL = DecodeVariant("subnormal", 2.0 ** 118, 2.0 ** 8)
-SELECT = DecodeVariant("select", 1.0, 1.0)
-VARIANTS = {v.name: v for v in (SUBNORMAL, SELECT)}
-
-
-def codes_to_bf16(codes_i16: jax.Array, variant: DecodeVariant) -> jax.Array:
-    """Sign-extended int4 codes (int16 in [-8, 7]) -> bf16 value(code) * (2^-126 for "subnormal", 1 for "select").
-
-    Written with elementwise integer ops only, so it lowers inside a Mosaic GPU kernel on register arrays.
-    A sign-extended negative code has bit 15 set: that is the bf16 sign bit.
-    """
-    sign = codes_i16 & jnp.int16(-32768)
-    mag = codes_i16 & jnp.int16(7)
-    if variant.name == "subnormal":
-        bits = sign | (mag << 6)
-    else:
-        normal = (mag << 6) + jnp.int16(0x3F00)                       # exponent field e + 126 for e >= 1
-        small = jnp.where(mag == jnp.int16(1), jnp.int16(0x3F00), jnp.int16(0))   # 0.5 or 0
-        bits = sign | jnp.where(mag >= jnp.int16(2), normal, small)
-    return lax.bitcast_convert_type(bits, jnp.bfloat16)
-
-
-def fold_scale(block_scale: jax.Array, variant: DecodeVariant) -> jax.Array:
-    """E4M3 block scale -> bf16(s * scale_fold) (exact: a power-of-two shift of a 4-significant-bit value)."""
-    return (block_scale.astype(jnp.float32) * variant.scale_fold).astype(jnp.bfloat16)
+SUBNORMAL = DecodeVariant("subnormal", 2.0 ** 118, 2.0 ** 8)    # the kernel's decode
+EXACT = DecodeVariant("exact", 1.0, 1.0)                       # value * s_b, no fold (activations, tests)
 
 
 def unpack_codes(packed: jax.Array) -> jax.Array:

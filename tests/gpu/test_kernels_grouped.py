@@ -90,7 +90,7 @@ def test_decode_every_code_and_scale(natural_k):
     out = gm.grouped_linear(x, w, jnp.asarray([k], jnp.int32),
                             config=gm.Config(tile_m=64, num_stages=1, natural_k=natural_k)).astype(jnp.float32)
     # value * scale is exact in bf16, and so is the kernel's output of it (g = 1).
-    expect = (nvfp4_decode.decode_jnp(packed, scale, nvfp4_decode.SELECT)[0].astype(jnp.float32)).T
+    expect = (nvfp4_decode.decode_jnp(packed, scale, nvfp4_decode.EXACT)[0].astype(jnp.float32)).T
     np.testing.assert_array_equal(np.asarray(out), np.asarray(expect))
 
 
