@@ -31,6 +31,7 @@ from flax import nnx
 
 from megamoe_jax.model.rope import apply_rope
 from pallas_kernels import dispatch
+from pallas_kernels.reference import is_quantized
 
 CSA_RATIO = 4   # [R]: overlap (and the indexer) <=> compress ratio 4
 
@@ -115,9 +116,14 @@ class Compressor(nnx.Module):
                              f"match batch {b}, ratio {m}, head_dim {d}")
 
         pos = start_pos[:, None] + jnp.arange(t, dtype=start_pos.dtype)                # [B, T]
-        xf = x.astype(jnp.float32)
-        kv = dispatch.linear(xf, self.wkv.get_value(), out_dtype=jnp.float32, name=f"{self.name}.wkv")
-        score = dispatch.linear(xf, self.wgate.get_value(), out_dtype=jnp.float32, name=f"{self.name}.wgate")
+        wkv, wgate = self.wkv.get_value(), self.wgate.get_value()
+        # [R] computes x.float() @ w.float(). When x and the (plain) weights share a dtype, every product is exact
+        # in fp32, so the operands go in as they are with fp32 accumulation: the same math without an fp32 copy
+        # of both weights on every decode step.
+        same = not is_quantized(wkv) and wkv.dtype == x.dtype and wgate.dtype == x.dtype
+        xin = x if same else x.astype(jnp.float32)
+        kv = dispatch.linear(xin, wkv, out_dtype=jnp.float32, name=f"{self.name}.wkv")
+        score = dispatch.linear(xin, wgate, out_dtype=jnp.float32, name=f"{self.name}.wgate")
         score = score + self.ape.get_value().astype(jnp.float32)[pos % m]                # [B, T, coff*d]
 
         # A window-aligned "extended" sequence per row: positions base .. base + U - 1, taken from the state

@@ -37,11 +37,11 @@ def sinkhorn_split(mixes: jax.Array, scale: jax.Array, base: jax.Array, n: int, 
     comb = jax.nn.softmax(logits, axis=-1) + eps                        # rows: comb[i, :] over j
     comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)         # columns
 
-    def body(_, c):
-        c = c / (jnp.sum(c, axis=-1, keepdims=True) + eps)
-        return c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
-
-    comb = jax.lax.fori_loop(0, iters - 1, body, comb)
+    # A Python loop, not lax.fori_loop: the iterations are a few tiny [.., n, n] ops that XLA fuses into one
+    # kernel when unrolled; as a while loop each of them was its own launch (x19, twice per block per token).
+    for _ in range(iters - 1):
+        comb = comb / (jnp.sum(comb, axis=-1, keepdims=True) + eps)
+        comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)
     return pre, post, comb
 
 
