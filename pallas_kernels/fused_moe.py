@@ -62,8 +62,8 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
 
     xs = x[token_of_row].astype(jnp.bfloat16)                                         # [M, D]
     if w1.input_scale is not None:
-        g13 = _shared_input_scale(w1.input_scale, w3.input_scale)
-        xs = act_quant.quantize_dequantize_grouped(xs, g13, group_sizes)
+        g13, m13 = _shared_input_scale(w1, w3)
+        xs = act_quant.quantize_dequantize_grouped(xs, g13, group_sizes, multiplier=m13)
     rs1 = gm.epilogue_row_scale(w1.global_scale, e, inter, w1.input_scale)
     rs3 = gm.epilogue_row_scale(w3.global_scale, e, inter, w3.input_scale)
     cfg1 = config or gm.default_config(m, e, num_weights=2)
@@ -71,7 +71,7 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
                    jnp.dtype(x.dtype), cfg1, "swiglu", swiglu_limit, interpret)              # [M, I]
 
     if w2.input_scale is not None:
-        h = act_quant.quantize_dequantize_grouped(h, w2.input_scale, group_sizes)
+        h = act_quant.quantize_dequantize_grouped(h, w2.input_scale, group_sizes, multiplier=w2.input_multiplier)
     rs2 = gm.epilogue_row_scale(w2.global_scale, e, d, w2.input_scale)
     cfg2 = config or gm.default_config(m, e)
     y = gm._launch(h, [w2.packed], [w2.block_scale], [rs2], group_sizes, jnp.dtype(jnp.bfloat16),
@@ -82,9 +82,15 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
     return out.astype(out_dtype)
 
 
-def _shared_input_scale(g1, g3):
-    """Gate and up share their input; checkpoints store one input scale for both (use the larger if not)."""
-    return jnp.maximum(jnp.asarray(g1, jnp.float32), jnp.asarray(g3, jnp.float32))
+def _shared_input_scale(w1, w3):
+    """Gate and up share their input; checkpoints store one input scale for both (use the larger if not).
+    Returns (g_a, the multiplier that quantizes with it: the stored one of the weight it came from, if any)."""
+    g1, g3 = jnp.asarray(w1.input_scale, jnp.float32), jnp.asarray(w3.input_scale, jnp.float32)
+    g = jnp.maximum(g1, g3)
+    if w1.input_multiplier is None or w3.input_multiplier is None:
+        return g, None
+    return g, jnp.where(g1 >= g3, jnp.asarray(w1.input_multiplier, jnp.float32),
+                        jnp.asarray(w3.input_multiplier, jnp.float32))
 
 
 def reference(x, w1, w3, w2, topk_idx, topk_weight, swiglu_limit, *, out_dtype=None):

@@ -451,12 +451,15 @@ def epilogue_row_scale(global_scale, e: int, n: int, input_scale=None) -> jax.Ar
 
 
 def grouped_matmul(x: jax.Array, packed: jax.Array, block_scale: jax.Array, global_scale: jax.Array,
-                   group_sizes: jax.Array, *, input_scale: jax.Array | None = None, out_dtype=None,
+                   group_sizes: jax.Array, *, input_scale: jax.Array | None = None,
+                   input_multiplier: jax.Array | None = None, out_dtype=None,
                    config: Config | None = None, interpret: bool = False) -> jax.Array:
     """NVFP4 grouped matmul: x [M, K] rows sorted by group, weights [E, N, K] -> [M, N] (fp32 accumulation).
 
     input_scale None: W4A16 (x used as given, bf16). input_scale g_a (scalar or [E]): W4A4, x is first
-    quantized to NVFP4 with the global scale of its row's group (Blackwell numerics: exact products, fp32 sums).
+    quantized to NVFP4 with the global scale of its row's group (Blackwell numerics: exact products, fp32 sums);
+    input_multiplier (input_scale's shape) is a stored compressed-tensors multiplier the quantizer then uses
+    exactly (`NVFP4Tensor.input_multiplier`). out_dtype float32 returns the bf16-rounded result widened (the kernel stores 16-bit tiles).
     Rows past sum(group_sizes) are zero. `interpret=True` runs the kernel in Mosaic GPU interpret mode (CPU;
     see `_interpret_params` for the host-device requirement).
     """
@@ -472,10 +475,15 @@ def grouped_matmul(x: jax.Array, packed: jax.Array, block_scale: jax.Array, glob
         raise ValueError(f"grouped_matmul kernel: unsupported shape: {why}")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     if input_scale is not None:
-        x = act_quant.quantize_dequantize_grouped(x, input_scale, group_sizes, interpret=interpret)
+        x = act_quant.quantize_dequantize_grouped(x, input_scale, group_sizes, interpret=interpret,
+                                                  multiplier=input_multiplier)
     rs = epilogue_row_scale(global_scale, e, n, input_scale)
-    return _launch(x.astype(jnp.bfloat16), [packed], [block_scale], [rs], group_sizes, out_dtype,
-                   config or default_config(m, e), "linear", None, interpret)
+    # The output tile goes through 128-byte-swizzled SMEM rows of 64 columns, which holds 16-bit types only; an
+    # fp32 request gets the fp32 accumulator rounded to bf16 once (inside the stated bound), then widened.
+    kernel_dtype = out_dtype if out_dtype.itemsize == 2 else jnp.dtype(jnp.bfloat16)
+    out = _launch(x.astype(jnp.bfloat16), [packed], [block_scale], [rs], group_sizes, kernel_dtype,
+                  config or default_config(m, e), "linear", None, interpret)
+    return out.astype(out_dtype)
 
 
 def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, epilogue, swiglu_limit,
@@ -517,7 +525,8 @@ def grouped_linear(x: jax.Array, w, group_sizes: jax.Array, *, out_dtype=None, c
                    interpret: bool = False) -> jax.Array:
     """`reference.grouped_linear` for an NVFP4Tensor weight [E, N, K] (W4A16, or W4A4 with its input_scale)."""
     return grouped_matmul(x, w.packed, w.block_scale, w.global_scale, group_sizes, input_scale=w.input_scale,
-                          out_dtype=out_dtype, config=config, interpret=interpret)
+                          input_multiplier=w.input_multiplier, out_dtype=out_dtype, config=config,
+                          interpret=interpret)
 
 
 def reference(x: jax.Array, w, group_sizes: jax.Array, *, out_dtype=None) -> jax.Array:

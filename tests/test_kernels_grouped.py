@@ -105,3 +105,16 @@ def test_bad_input_is_rejected_with_a_reason():
         small = _weight(jax.random.PRNGKey(2), 2, 128, 128)
         gm.grouped_linear(jnp.ones((4, 128), jnp.bfloat16), small, gs)
     assert gm.supported(8, 4096, 4096) is None and "N=96" in gm.supported(8, 96, 256)
+
+
+def test_fp32_output_request_is_served_in_interpret_mode():
+    """An fp32 output (the EP MoE, a quantized compressor or gate) used to fail to build: the kernel's output
+    tile holds 16-bit types only. It now returns the bf16-rounded result widened, inside the stated bound."""
+    e, n, k = 2, 128, 256
+    w = _weight(jax.random.PRNGKey(4), e, n, k)
+    x = (jax.random.normal(jax.random.PRNGKey(5), (9, k)) * 3).astype(jnp.bfloat16)
+    gs = jnp.asarray([4, 5], jnp.int32)
+    out = gm.grouped_linear(x, w, gs, out_dtype=jnp.float32, config=gm.Config(tile_m=8, num_stages=1),
+                            interpret=True)
+    assert out.dtype == jnp.float32
+    _assert_close(out, x, w, gs)
