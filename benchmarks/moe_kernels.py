@@ -241,18 +241,39 @@ def fused(res, tokens):
 
 
 def actquant(res, t=8192, k=HIDDEN):
+    """The activation quantizer at 8192 x 4096: Mosaic kernel (codes + scales + row amax; and the W4A4 "values"
+    output) against the exact XLA path on the same input. Bytes: each input read once, each output written once."""
+    from megamoe_jax.quant import nvfp4
     from pallas_kernels import act_quant
     x = (jax.random.normal(jax.random.PRNGKey(0), (t, k), jnp.float32) * 3).astype(jnp.bfloat16)
-    f = jax.jit(lambda x: act_quant.quantize(x, jnp.float32(0.004), with_amax=True))
-    ms = safe(measure, f, (x,))
-    byts = t * k * 2 + t * k // 2 + t * k // 16 + t * 4
-    row = dict(T=t, K=k, bytes=byts, ms=ms, impl="XLA (megamoe_jax.quant.nvfp4, exact thresholds)")
-    if isinstance(ms, float):
-        row["tbps"] = byts / (ms * 1e-3) / 1e12
-        if "copy_tbps" in res:
-            row["fraction_of_copy"] = row["tbps"] / res["copy_tbps"]
-    print("actquant", row, flush=True)
-    res["actquant"] = row
+    g = jnp.float32(0.004)
+    G = nvfp4.multiplier_from_g(g)
+    codes = t * k * 2 + t * k // 2 + t * k // 16
+    variants = {
+        "kernel codes+scales": (lambda v: act_quant._quantize_mgpu(v, G[None], None, "codes", False,
+                                                                   act_quant.Config())[:2], codes),
+        "kernel codes+scales+amax": (lambda v: act_quant.quantize(v, g, with_amax=True),
+                                     codes + t * k // 16 * 2 * 2 + t * 4),
+        "kernel values (W4A4 operand)": (lambda v: act_quant._quantize_mgpu(v, G[None], None, "values", False,
+                                                                            act_quant.Config())[0], 4 * t * k),
+        "XLA exact path codes+scales+amax": (lambda v: (nvfp4.quantize_with_multiplier(v, G), nvfp4.row_amax(v)),
+                                             codes + t * 4),
+    }
+    for bpt in (2, 8):
+        variants[f"kernel codes+scales, blocks_per_thread={bpt}"] = (
+            lambda v, bpt=bpt: act_quant._quantize_mgpu(v, G[None], None, "codes", False,
+                                                        act_quant.Config(bpt))[:2], codes)
+    rows = []
+    for name, (fn, byts) in variants.items():
+        ms = safe(measure, jax.jit(fn), (x,))
+        row = dict(T=t, K=k, variant=name, bytes=byts, ms=ms)
+        if isinstance(ms, float):
+            row["tbps"] = byts / (ms * 1e-3) / 1e12
+            if "copy_tbps" in res:
+                row["fraction_of_copy"] = row["tbps"] / res["copy_tbps"]
+        print("actquant", row, flush=True)
+        rows.append(row)
+    res["actquant"] = rows
 
 
 def _mgpu_ragged():
