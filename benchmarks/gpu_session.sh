@@ -2,7 +2,7 @@
 # Everything the GPU machine is needed for, in one call, most important first; each step is bounded so a slow
 # one cannot eat the rest, and each step's log lands in $OUT (or ./out) for RESULTS.md.
 #
-#   benchmarks/gpu_session.sh [STEP ...]      steps: tests shard decode profile kernels   (default: all)
+#   benchmarks/gpu_session.sh [STEP ...]   steps: shard tests decode decode_cb profile kernels   (default: all)
 #
 # The GPU machine's transformers predates DeepSeek-V4, so the sharding test's tiny checkpoint is built here first
 # (`python -m tests.gpu.test_sharding_gpu .carry/tiny_ckpt`) and carried; MEGAMOE_TINY_CKPT points at it.
@@ -21,16 +21,20 @@ step() {  # name, seconds, command...
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(shard tests decode profile kernels)
+[ ${#steps[@]} -eq 0 ] && steps=(shard tests decode decode_cb profile kernels)
 for s in "${steps[@]}"; do
   case "$s" in
     shard)   step shard 200 python -m pytest -q -p no:cacheprovider tests/gpu/test_sharding_gpu.py --tb=short ;;
     tests)   step tests 300 python -m pytest -q -p no:cacheprovider tests/gpu --tb=short \
                             --ignore=tests/gpu/test_sharding_gpu.py ;;
     decode)  step decode 240 python benchmarks/model_decode.py --steps 8 --repeats 2 --json "$out/model_decode.json" ;;
+    decode_cb)  # the same loop with the whole while loop captured as CUDA graphs (launch overhead per step)
+             step decode_cb 120 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
+                  python benchmarks/model_decode.py --formats nvfp4 --batches 1,8 --steps 8 --repeats 2 \
+                  --json "$out/model_decode_cb.json" ;;
     profile) step profile 150 python benchmarks/decode_profile.py --batch 1 --json "$out/decode_profile.json" ;;
     kernels) step kernels 300 python benchmarks/moe_kernels.py --sections ceilings,grouped,fused,actquant \
                               --tokens 1,8,64,8192 --out "$out" ;;
-    *) echo "unknown step $s (tests shard decode profile kernels)" >&2; exit 2 ;;
+    *) echo "unknown step $s (shard tests decode decode_cb profile kernels)" >&2; exit 2 ;;
   esac
 done
