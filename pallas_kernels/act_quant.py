@@ -210,31 +210,28 @@ cvt.u64.u32 off, sb; shl.b64 off, off, 5; add.u64 off, off, $TAB;
 ld.global.nc.v4.u32 {t0, t1, t2, t3}, [off]; ld.global.nc.v4.u32 {t4, t5, t6, tn}, [off+16];
 """
 
-# One pair j: k = #(|x| >= X_i) accumulated as bf16 8 + k (codes) or sum_i [|x| >= X_i] * step_i * s_b (values);
-# the sign is set where x < 0 and |x| >= X_neg (fl32(x / d) < 0).
-_PTX_PAIR_COUNT = """
-set.ge.bf16x2.bf16x2 c, aJ, t0; fma.rn.bf16x2 acc, c, one, eight;
-set.ge.bf16x2.bf16x2 c, aJ, t1; fma.rn.bf16x2 acc, c, one, acc;
-set.ge.bf16x2.bf16x2 c, aJ, t2; fma.rn.bf16x2 acc, c, one, acc;
-set.ge.bf16x2.bf16x2 c, aJ, t3; fma.rn.bf16x2 acc, c, one, acc;
-set.ge.bf16x2.bf16x2 c, aJ, t4; fma.rn.bf16x2 acc, c, one, acc;
-set.ge.bf16x2.bf16x2 c, aJ, t5; fma.rn.bf16x2 acc, c, one, acc;
-set.ge.bf16x2.bf16x2 c, aJ, t6; fma.rn.bf16x2 acc, c, one, acc;
-set.ge.u32.bf16x2 c, aJ, tn; and.b32 c, c, $WJ; and.b32 c, c, 0x80008000;
-shr.b32 acc, acc, 4; and.b32 acc, acc, 0x00070007; shr.b32 c, c, 12; or.b32 acc, acc, c;
-shr.b32 c, acc, 12; or.b32 qJ, acc, c;
-"""
+def _pair_ptx(j: int, steps: tuple[str, ...], base: str | None) -> str:
+    """Pair j: the 7 packed compares |x| >= X_i, accumulated as acc = base + sum_i [|x| >= X_i] * steps[i]
+    (codes: base 8, steps 1, so acc = bf16(8 + k); values: no base, steps = the e2m1 increments 0.5, 0.5, 0.5,
+    0.5, 1, 1, 2 times s_b, so acc = value(k) * s_b, every partial sum exact), then c = the sign bits where x < 0
+    and |x| >= X_neg (fl32(x / d) < 0)."""
+    lines = []
+    for i, step in enumerate(steps):
+        lines.append(f"set.ge.bf16x2.bf16x2 c, a{j}, t{i};")
+        if i == 0 and base is None:
+            lines.append(f"mul.rn.bf16x2 acc, c, {step};")
+        else:
+            lines.append(f"fma.rn.bf16x2 acc, c, {step}, {base if i == 0 else 'acc'};")
+    lines.append(f"set.ge.u32.bf16x2 c, a{j}, tn; and.b32 c, c, $W{j}; and.b32 c, c, 0x80008000;")
+    return " ".join(lines)
 
-_PTX_PAIR_VALUES = """
-set.ge.bf16x2.bf16x2 c, aJ, t0; mul.rn.bf16x2 acc, c, half;
-set.ge.bf16x2.bf16x2 c, aJ, t1; fma.rn.bf16x2 acc, c, half, acc;
-set.ge.bf16x2.bf16x2 c, aJ, t2; fma.rn.bf16x2 acc, c, half, acc;
-set.ge.bf16x2.bf16x2 c, aJ, t3; fma.rn.bf16x2 acc, c, half, acc;
-set.ge.bf16x2.bf16x2 c, aJ, t4; fma.rn.bf16x2 acc, c, full, acc;
-set.ge.bf16x2.bf16x2 c, aJ, t5; fma.rn.bf16x2 acc, c, full, acc;
-set.ge.bf16x2.bf16x2 c, aJ, t6; fma.rn.bf16x2 acc, c, dbl, acc;
-set.ge.u32.bf16x2 c, aJ, tn; and.b32 c, c, $WJ; and.b32 c, c, 0x80008000; or.b32 $OJ, acc, c;
-"""
+
+# Codes: k sits at bits 4..6 of each bf16 half of 8 + k; with the sign at bit 3 that is the nibble, and byte 0 of
+# q_j gets both nibbles of the pair (element 2j low).
+_PACK_PAIR = ("shr.b32 acc, acc, 4; and.b32 acc, acc, 0x00070007; shr.b32 c, c, 12; or.b32 acc, acc, c; "
+              "shr.b32 c, acc, 12; or.b32 q{j}, acc, c;")
+_COUNT_STEPS = ("one",) * 7
+_VALUE_STEPS = ("half",) * 4 + ("full",) * 2 + ("dbl",)
 
 
 def block_ptx(mode: str) -> tuple[str, int]:
@@ -245,7 +242,7 @@ def block_ptx(mode: str) -> tuple[str, int]:
     if mode == "codes":
         body.append("mov.b32 one, 0x3F803F80; mov.b32 eight, 0x41004100;")
         for j in range(8):
-            body.append(_PTX_PAIR_COUNT.replace("aJ", f"a{j}").replace("$WJ", f"$W{j}").replace("qJ", f"q{j}"))
+            body.append(_pair_ptx(j, _COUNT_STEPS, "eight") + " " + _PACK_PAIR.format(j=j))
         # byte j of the pair results holds codes 2j, 2j+1: gather them into two words
         body.append("prmt.b32 q0, q0, q1, 0x0040; prmt.b32 q2, q2, q3, 0x0040; prmt.b32 $P0, q0, q2, 0x5410;")
         body.append("prmt.b32 q4, q4, q5, 0x0040; prmt.b32 q6, q6, q7, 0x0040; prmt.b32 $P1, q4, q6, 0x5410;")
@@ -257,7 +254,7 @@ def block_ptx(mode: str) -> tuple[str, int]:
                     "cvt.rn.bf16x2.f32 half, fsb, fsb; add.f32 fsb, fsb, fsb; add.f32 fsb, fsb, fsb; "
                     "cvt.rn.bf16x2.f32 dbl, fsb, fsb;")
         for j in range(8):
-            body.append(_PTX_PAIR_VALUES.replace("aJ", f"a{j}").replace("$WJ", f"$W{j}").replace("$OJ", f"$O{j}"))
+            body.append(_pair_ptx(j, _VALUE_STEPS, None) + f" or.b32 $O{j}, acc, c;")
         outs = [f"$O{j}" for j in range(8)] + ["$SB", "$VM"]
     body.append("mov.b32 $SB, sb; mov.b32 $VM, vm;")
     text = "{\n" + "\n".join(body) + "\n}"
