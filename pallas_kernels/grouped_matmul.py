@@ -459,7 +459,8 @@ def grouped_matmul(x: jax.Array, packed: jax.Array, block_scale: jax.Array, glob
     input_scale None: W4A16 (x used as given, bf16). input_scale g_a (scalar or [E]): W4A4, x is first
     quantized to NVFP4 with the global scale of its row's group (Blackwell numerics: exact products, fp32 sums);
     input_multiplier (input_scale's shape) is a stored compressed-tensors multiplier the quantizer then uses
-    exactly (`NVFP4Tensor.input_multiplier`). out_dtype float32 returns the bf16-rounded result widened (the kernel stores 16-bit tiles).
+    exactly (`NVFP4Tensor.input_multiplier`). out_dtype float32 returns the bf16-rounded result widened (the
+    kernel stores 16-bit tiles).
     Rows past sum(group_sizes) are zero. `interpret=True` runs the kernel in Mosaic GPU interpret mode (CPU;
     see `_interpret_params` for the host-device requirement).
     """

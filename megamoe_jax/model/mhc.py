@@ -37,8 +37,8 @@ def sinkhorn_split(mixes: jax.Array, scale: jax.Array, base: jax.Array, n: int, 
     comb = jax.nn.softmax(logits, axis=-1) + eps                        # rows: comb[i, :] over j
     comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)         # columns
 
-    # A Python loop, not lax.fori_loop: the iterations are a few tiny [.., n, n] ops that XLA fuses into one
-    # kernel when unrolled; as a while loop each of them was its own launch (x19, twice per block per token).
+    # A Python loop, not lax.fori_loop: the iterations are a few tiny [.., n, n] ops that XLA can fuse when
+    # unrolled; in a while loop the GPU runs every iteration as kernels of its own (19 per hc_pre, 2 per block).
     for _ in range(iters - 1):
         comb = comb / (jnp.sum(comb, axis=-1, keepdims=True) + eps)
         comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)
