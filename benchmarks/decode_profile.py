@@ -108,8 +108,8 @@ def main():
         print(f"| {name} | {n} | {t:.4f} |")
     with open(args.json, "w") as f:
         json.dump(dict(device=dev, date=str(datetime.date.today()), batch=b, layers=cfg.num_hidden_layers,
-                       context=args.context, copy_tb_s=bw / 1e12, copy_tb_s_wall=bw_wall / 1e12, total_ms=total, floor_ms=floor,
-                       kernels=kernels), f, indent=1)
+                       context=args.context, copy_tb_s=bw / 1e12, copy_tb_s_wall=bw_wall / 1e12,
+                       total_ms=total, floor_ms=floor, kernels=kernels), f, indent=1)
 
 
 if __name__ == "__main__":
