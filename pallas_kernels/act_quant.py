@@ -25,7 +25,6 @@ global scale left to the matmul's fp32 epilogue.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -59,13 +58,13 @@ def quantize(x: jax.Array, global_scale: jax.Array, *, with_amax: bool = False, 
     fl32(1/g).
     """
     _check_x(x, "act_quant.quantize")
-    t = x.shape[0]
     G = _multiplier(global_scale, multiplier)
+    G = G.reshape(()) if G.size == 1 else G                            # per-tensor: one threshold table
     if use_kernel(x) and G.ndim == 0:
         packed, byte, vmax = _quantize_mgpu(x, G[None], None, "codes", with_amax, Config())
         amax = _row_amax(vmax) if with_amax else None
     else:
-        packed, byte = nvfp4.quantize_with_multiplier(x, jnp.broadcast_to(G, (t,)))
+        packed, byte = nvfp4.quantize_with_multiplier(x, G)
         amax = nvfp4.row_amax(x) if with_amax else None
     scale = jax.lax.bitcast_convert_type(byte, jnp.float8_e4m3fn)
     return (packed, scale, amax) if with_amax else (packed, scale)
@@ -90,7 +89,7 @@ def quantize_dequantize_grouped(x: jax.Array, input_scale: jax.Array, group_size
     if use_kernel(x):
         return _quantize_mgpu(x, G, gid, "values", False, Config())[0]
     from pallas_kernels import nvfp4_decode
-    packed, byte = (nvfp4.quantize_with_multiplier(x, jnp.broadcast_to(G[0], (m,))) if gid is None else
+    packed, byte = (nvfp4.quantize_with_multiplier(x, G[0]) if gid is None else
                     nvfp4.quantize_grouped_with_multiplier(x, G, gid))
     return nvfp4_decode.decode_jnp(packed, jax.lax.bitcast_convert_type(byte, jnp.float8_e4m3fn),
                                    nvfp4_decode.EXACT)
