@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--json", default="decode_profile.json")
+    ap.add_argument("--hlo", default=None, help="also write the step's optimized HLO here (kernel names -> source)")
     args = ap.parse_args()
     from jax.experimental.mosaic.gpu import profiler
 
@@ -80,6 +81,9 @@ def main():
     # MB per step, which the production loop updates in place.
     step = jax.jit(step)
     jax.block_until_ready(step(gen.params, state))           # compile
+    if args.hlo:
+        with open(args.hlo, "w") as f:
+            f.write(step.lower(gen.params, state).compile().as_text())
     runs = []
     for _ in range(3):
         _, kernels = profiler.measure(step, aggregate=False)(gen.params, state)

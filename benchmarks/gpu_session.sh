@@ -24,7 +24,10 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(shard tests decode decode_cb profile kernels)
 for s in "${steps[@]}"; do
   case "$s" in
-    shard)   step shard 200 python -m pytest -q -p no:cacheprovider tests/gpu/test_sharding_gpu.py --tb=short ;;
+    shard)   # autotuning off: these are correctness checks, and autotuning the tiny model's many small dots made
+             # each compile take ~35 s on an H200 (the model test compiles 8 programs)
+             step shard 300 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" python -m pytest -q \
+                  -p no:cacheprovider tests/gpu/test_sharding_gpu.py --tb=short --durations=0 ;;
     tests)   step tests 300 python -m pytest -q -p no:cacheprovider tests/gpu --tb=short \
                             --ignore=tests/gpu/test_sharding_gpu.py ;;
     decode)  step decode 240 python benchmarks/model_decode.py --steps 8 --repeats 2 --json "$out/model_decode.json" ;;

@@ -1,4 +1,5 @@
-"""Jitted generation: one compiled prefill, one compiled decode loop (lax.while_loop), no retracing per token.
+"""Jitted generation: one compiled prefill, one compiled decode loop (lax.while_loop of fixed-length chunks), no
+retracing per token.
 
 Batched prompts of different lengths are right padded to a bucketed length; each sequence carries its own
 length and position, and a finished sequence feeds a zero-length step so its state stops changing. Sampling uses
@@ -118,50 +119,73 @@ def _forward(graphdef, params, ids, state, lengths):
     return model.logits(h), state
 
 
-def _trampoline(step, tok, done):
+def _trampoline(step0, toks, dones, ran):
+    """Host side of the streaming callback: one call per decode chunk, forwarded step by step."""
     if _streaming_callback is not None:
-        _streaming_callback(int(step), np.asarray(tok), np.asarray(done))
+        toks, dones, ran = np.asarray(toks), np.asarray(dones), np.asarray(ran)
+        for i in range(toks.shape[0]):
+            if ran[i]:
+                _streaming_callback(int(step0) + i, toks[i], dones[i])
+
+
+DECODE_CHUNK = 8   # decode steps per inner loop of static trip count (see _decode)
 
 
 def _decode(graphdef, params, state, first_logits, rng, max_new, stops, pad, temperature, top_p, *,
             out_cap, static_sampling, streaming):
-    """The decode loop -> (tokens [B, out_cap] (pad after a sequence stops), steps run).
+    """The decode loop -> (tokens [B, out_cap] (pad after a sequence stops), steps run, final state).
 
-    One while_loop whose body (one decode step of the whole model + sampling) is compiled once. Finished
-    sequences feed zero-length steps, so their state stops changing. With `streaming`, each step calls the host
-    trampoline (which forwards to the current callback: a new callback does not recompile)."""
+    The body (one decode step of the whole model + sampling) is compiled once. It runs in chunks of
+    `min(DECODE_CHUNK, out_cap)` steps: an inner loop of static trip count inside an outer while_loop that stops
+    once every sequence is done or `max_new` tokens exist. Why chunks: XLA on GPU copies a while loop's predicate
+    to the host before every iteration when the trip count is unknown, so a per-token stop test makes the host
+    wait for each step before it may launch the next one's ~300 kernels; a loop of known trip count is launched
+    ahead. A finished sequence (or a step past `max_new`) feeds a zero-length step, so its state stops changing
+    and it emits pad; a chunk's last steps may therefore run the model without effect (at most chunk - 1 steps).
+    With `streaming`, each chunk calls the host trampoline once (which forwards every step that ran, in order, to
+    the current callback: a new callback does not recompile)."""
     TRACES["decode"] += 1
     model = nnx.merge(graphdef, params)
     greedy, top_k, use_top_p = static_sampling
     pick = functools.partial(sample, greedy=greedy, top_k=top_k, temperature=temperature,
                              top_p=top_p if use_top_p else None)
-
-    def emit(step, tok, done):
-        if streaming:
-            jax.debug.callback(_trampoline, step, tok, done, ordered=True)
+    chunk = min(DECODE_CHUNK, out_cap)
 
     b = first_logits.shape[0]
     tok = pick(first_logits, jax.random.fold_in(rng, 0))
     done = jnp.isin(tok, stops)
     out = jnp.full((b, out_cap), pad, jnp.int32).at[:, 0].set(tok)
-    emit(0, tok, done)
+    if streaming:
+        jax.debug.callback(_trampoline, 0, tok[None], done[None], jnp.ones((1,), bool), ordered=True)
+
+    def one_step(i, carry):
+        step, tok, state, out, done, steps, log = carry
+        active = ~done & (step < max_new)                                      # [B]
+        h, state = model(tok[:, None], state, active.astype(jnp.int32))
+        nxt = pick(model.logits(h[:, 0]), jax.random.fold_in(rng, step))
+        nxt = jnp.where(active, nxt, pad)
+        out = out.at[:, step].set(nxt, mode="drop")                            # a step past out_cap: dropped
+        done = done | ~active | jnp.isin(nxt, stops)
+        ran = jnp.any(active)
+        steps = jnp.where(ran, step + 1, steps)
+        log = (log[0].at[i].set(nxt), log[1].at[i].set(done), log[2].at[i].set(ran))
+        return step + 1, nxt, state, out, done, steps, log
 
     def cond(carry):
-        step, _, _, _, done = carry
+        step, _, _, _, done, _ = carry
         return (step < max_new) & ~jnp.all(done)
 
     def body(carry):
-        step, tok, state, out, done = carry
-        h, state = model(tok[:, None], state, (~done).astype(jnp.int32))
-        nxt = pick(model.logits(h[:, 0]), jax.random.fold_in(rng, step))
-        nxt = jnp.where(done, pad, nxt)
-        out = out.at[:, step].set(nxt)
-        done = done | jnp.isin(nxt, stops)
-        emit(step, nxt, done)
-        return step + 1, nxt, state, out, done
+        step0 = carry[0]
+        log = (jnp.zeros((chunk, b), jnp.int32), jnp.zeros((chunk, b), bool), jnp.zeros((chunk,), bool))
+        *carry, log = jax.lax.fori_loop(0, chunk, one_step, (*carry, log))
+        if streaming:
+            jax.debug.callback(_trampoline, step0, *log, ordered=True)
+        return tuple(carry)
 
-    step, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, state, out, done))
-    return out, step
+    init = (jnp.int32(1), tok, state, out, done, jnp.int32(1))
+    _, _, state, out, _, steps = jax.lax.while_loop(cond, body, init)
+    return out, steps, state
 
 
 class Generator:
@@ -196,7 +220,9 @@ class Generator:
         return functools.partial(_jit("forward", _forward, ("graphdef",), ("state",)), self.graphdef)
 
     def decode_fn(self, out_cap: int, static_sampling: tuple, streaming: bool):
-        """(params, state, first_logits, rng, max_new, stops, pad, temperature, top_p) -> (tokens, steps)."""
+        """(params, state, first_logits, rng, max_new, stops, pad, temperature, top_p) -> (tokens, steps, state).
+
+        The state is donated (and updated in place on GPU); the returned one is the state after the last step."""
         f = _jit("decode", _decode, ("graphdef", "out_cap", "static_sampling", "streaming"), ("state",))
         return functools.partial(f, self.graphdef, out_cap=out_cap, static_sampling=static_sampling,
                                  streaming=streaming)
@@ -227,7 +253,7 @@ class Generator:
         global _streaming_callback
         _streaming_callback = callback
         try:
-            out, steps = decode(self.params, state, logits, jax.random.key(seed), jnp.int32(max_new_tokens),
+            out, steps, _ = decode(self.params, state, logits, jax.random.key(seed), jnp.int32(max_new_tokens),
                                 jnp.asarray(stops), jnp.int32(pad_id), jnp.float32(sampling.temperature or 1.0),
                                 jnp.float32(sampling.top_p or 1.0))
             out = np.asarray(out)[:, : int(steps)]

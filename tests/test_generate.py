@@ -174,3 +174,23 @@ def test_random_model_builds_and_generates():
     assert all(len(set(r)) == cfg.num_experts_per_tok for r in table[:50])   # distinct experts per token
     again = random_model(cfg, seed=3, dtype=jnp.float32)
     np.testing.assert_array_equal(np.asarray(again.module.embed.get_value()), np.asarray(m.module.embed.get_value()))
+
+
+def test_decode_loop_runs_chunks_of_known_trip_count(setup):
+    # XLA on GPU copies a while loop's predicate to the host before each iteration unless the trip count is
+    # known; the decode loop keeps the per-token stop test out of the inner loop so the host can launch ahead.
+    from megamoe_jax import generate as gen_lib
+    model, _ = setup
+    gen = model._gen
+    ids = jnp.asarray(_prompt(21, 0)[None], jnp.int32)
+    logits, state = gen.prefill_fn(64)(gen.params, ids, jnp.asarray([21], jnp.int32))
+    fn = jax.jit(gen_lib._decode, static_argnames=("graphdef", "out_cap", "static_sampling", "streaming"))
+    hlo = fn.lower(gen.graphdef, gen.params, state, logits, jax.random.key(0), jnp.int32(NEW),
+                   jnp.full((4,), -1, jnp.int32), jnp.int32(0), jnp.float32(1.0), jnp.float32(1.0),
+                   out_cap=bucket(NEW), static_sampling=(True, None, False), streaming=False).compile().as_text()
+    whiles = [line for line in hlo.splitlines() if " while(" in line]
+    unknown = [w for w in whiles if "known_trip_count" not in w]
+    chunks = [w for w in whiles if f'"known_trip_count":{{"n":"{gen_lib.DECODE_CHUNK}"}}' in w
+              and 'op_name="jit(_decode)/while/body/while"' in w]
+    assert len(unknown) == 1 and 'op_name="jit(_decode)/while"' in unknown[0], unknown   # only the outer loop
+    assert len(chunks) == 1

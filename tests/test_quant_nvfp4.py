@@ -128,6 +128,17 @@ def test_jit_equals_eager():
     np.testing.assert_array_equal(np.asarray(deq_j), np.asarray(eager.dequantize()))
 
 
+def test_ahead_of_time_compile_with_quantized_arguments():
+    # jax's Compiled rebuilds the argument pytree from ArgInfo leaves (shape and dtype, no ndim): the tensors'
+    # structure checks must let that through (this once raised AttributeError in decode_profile --hlo).
+    from megamoe_jax.quant import fp8_block, mxfp4
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((128, 128)), jnp.float32)
+    for t in (nvfp4.quantize(x), mxfp4.quantize(x), fp8_block.quantize(x)):
+        compiled = jax.jit(lambda w: w.dequantize()).lower(t).compile()
+        assert "HloModule" in compiled.as_text()
+        np.testing.assert_array_equal(np.asarray(compiled(t)), np.asarray(t.dequantize()))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Test vectors (nvfp4_format.md §8)
 # ---------------------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ SCALE_FMTS = ("ue8m0", "float32")
 
 
 def _is_array_like(v) -> bool:
-    return hasattr(v, "shape") and hasattr(v, "dtype")
+    # ndim too: jax's `Compiled` rebuilds its argument pytree from ArgInfo leaves, which have shape and dtype only
+    return hasattr(v, "shape") and hasattr(v, "dtype") and hasattr(v, "ndim")
 
 
 def scale_shape(shape) -> tuple[int, ...]:

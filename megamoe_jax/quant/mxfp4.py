@@ -41,7 +41,8 @@ _T_PARTS = ((1, 0, -2), (3, 1, -1), (5, 2, 0), (7, 2, 0), (5, 2, 1), (7, 2, 1), 
 
 
 def _is_array_like(v) -> bool:
-    return hasattr(v, "shape") and hasattr(v, "dtype")
+    # ndim too: jax's `Compiled` rebuilds its argument pytree from ArgInfo leaves, which have shape and dtype only
+    return hasattr(v, "shape") and hasattr(v, "dtype") and hasattr(v, "ndim")
 
 
 @jax.tree_util.register_dataclass

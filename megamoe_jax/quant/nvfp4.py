@@ -74,7 +74,8 @@ _FLOAT_INPUTS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.
 # ----------------------------------------------------------------------------------------------------------
 
 def _is_array_like(v) -> bool:
-    return hasattr(v, "shape") and hasattr(v, "dtype")
+    # ndim too: jax's `Compiled` rebuilds its argument pytree from ArgInfo leaves, which have shape and dtype only
+    return hasattr(v, "shape") and hasattr(v, "dtype") and hasattr(v, "ndim")
 
 
 @jax.tree_util.register_dataclass

@@ -72,22 +72,29 @@ def tiny_ckpt(tmp_path_factory):
     return path
 
 
+_PROMPTS = [[5, 17, 200, 3, 99, 42, 7, 8, 250, 1, 64, 33, 18], [11, 12, 13, 14, 15]]
+_IDS = np.asarray([[5, 17, 200, 3, 99, 42, 7, 8, 250, 1, 64, 33, 18, 91, 120, 6]] * 2, np.int32)
+
+
 @pytest.mark.parametrize("shape", _meshes())
-def test_model_on_mesh_matches_one_gpu(tiny_ckpt, shape):
-    prompts = [[5, 17, 200, 3, 99, 42, 7, 8, 250, 1, 64, 33, 18], [11, 12, 13, 14, 15]]
-    ids = np.asarray([[5, 17, 200, 3, 99, 42, 7, 8, 250, 1, 64, 33, 18, 91, 120, 6]] * 2, np.int32)
-    mesh = sharding.make_mesh(*shape, devices=_gpus()[: int(np.prod(shape))])
+def test_model_on_mesh_matches_one_gpu_fp32(tiny_ckpt, shape):
     # fp32: the comparison is tight and greedy tokens must agree.
+    mesh = sharding.make_mesh(*shape, devices=_gpus()[: int(np.prod(shape))])
     one = megamoe_jax.load(tiny_ckpt, dtype=jnp.float32)
     shard = megamoe_jax.load(tiny_ckpt, dtype=jnp.float32, mesh=mesh)
-    ref, got = np.asarray(one.logits(ids)), np.asarray(shard.logits(ids))
+    ref, got = np.asarray(one.logits(_IDS)), np.asarray(shard.logits(_IDS))
     assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-3
-    for a, b in zip(one.generate(prompts, 8, ignore_eos=True), shard.generate(prompts, 8, ignore_eos=True)):
+    for a, b in zip(one.generate(_PROMPTS, 8, ignore_eos=True), shard.generate(_PROMPTS, 8, ignore_eos=True)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("shape", _meshes())
+def test_model_on_mesh_matches_one_gpu_bf16(tiny_ckpt, shape):
     # bf16 (the production dtype): same logits within bf16 rounding.
+    mesh = sharding.make_mesh(*shape, devices=_gpus()[: int(np.prod(shape))])
     one16 = megamoe_jax.load(tiny_ckpt)
     shard16 = megamoe_jax.load(tiny_ckpt, mesh=mesh)
-    ref16, got16 = np.asarray(one16.logits(ids)), np.asarray(shard16.logits(ids))
+    ref16, got16 = np.asarray(one16.logits(_IDS)), np.asarray(shard16.logits(_IDS))
     assert np.all(np.isfinite(got16))
     assert np.max(np.abs(got16 - ref16)) / np.max(np.abs(ref16)) < 3e-2
 
