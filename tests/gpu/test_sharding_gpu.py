@@ -76,25 +76,39 @@ _PROMPTS = [[5, 17, 200, 3, 99, 42, 7, 8, 250, 1, 64, 33, 18], [11, 12, 13, 14, 
 _IDS = np.asarray([[5, 17, 200, 3, 99, 42, 7, 8, 250, 1, 64, 33, 18, 91, 120, 6]] * 2, np.int32)
 
 
+@pytest.fixture(scope="module")
+def models(tiny_ckpt):
+    """(dtype, mesh shape) -> loaded model, loaded once per module (each compile of the tiny model took 35-50 s
+    on an H200, so the three tests below share the programs they can)."""
+    cache = {}
+
+    def get(dtype, shape=None):
+        if (dtype, shape) not in cache:
+            mesh = None if shape is None else sharding.make_mesh(*shape, devices=_gpus()[: int(np.prod(shape))])
+            cache[dtype, shape] = megamoe_jax.load(tiny_ckpt, dtype=dtype, mesh=mesh)
+        return cache[dtype, shape]
+    return get
+
+
 @pytest.mark.parametrize("shape", _meshes())
-def test_model_on_mesh_matches_one_gpu_fp32(tiny_ckpt, shape):
-    # fp32: the comparison is tight and greedy tokens must agree.
-    mesh = sharding.make_mesh(*shape, devices=_gpus()[: int(np.prod(shape))])
-    one = megamoe_jax.load(tiny_ckpt, dtype=jnp.float32)
-    shard = megamoe_jax.load(tiny_ckpt, dtype=jnp.float32, mesh=mesh)
-    ref, got = np.asarray(one.logits(_IDS)), np.asarray(shard.logits(_IDS))
+def test_model_on_mesh_logits_fp32(models, shape):
+    # fp32: the comparison is tight.
+    ref, got = np.asarray(models(jnp.float32).logits(_IDS)), np.asarray(models(jnp.float32, shape).logits(_IDS))
     assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-3
+
+
+@pytest.mark.parametrize("shape", _meshes())
+def test_model_on_mesh_greedy_tokens_fp32(models, shape):
+    one, shard = models(jnp.float32), models(jnp.float32, shape)
     for a, b in zip(one.generate(_PROMPTS, 8, ignore_eos=True), shard.generate(_PROMPTS, 8, ignore_eos=True)):
         np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("shape", _meshes())
-def test_model_on_mesh_matches_one_gpu_bf16(tiny_ckpt, shape):
+def test_model_on_mesh_logits_bf16(models, shape):
     # bf16 (the production dtype): same logits within bf16 rounding.
-    mesh = sharding.make_mesh(*shape, devices=_gpus()[: int(np.prod(shape))])
-    one16 = megamoe_jax.load(tiny_ckpt)
-    shard16 = megamoe_jax.load(tiny_ckpt, mesh=mesh)
-    ref16, got16 = np.asarray(one16.logits(_IDS)), np.asarray(shard16.logits(_IDS))
+    ref16 = np.asarray(models(jnp.bfloat16).logits(_IDS))
+    got16 = np.asarray(models(jnp.bfloat16, shape).logits(_IDS))
     assert np.all(np.isfinite(got16))
     assert np.max(np.abs(got16 - ref16)) / np.max(np.abs(ref16)) < 3e-2
 
