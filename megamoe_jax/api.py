@@ -107,7 +107,8 @@ class Model:
         `max_new_tokens`. Returns, for [T] input, an int array [T + n]; for [B, T] input, [B, T + n] with finished
         sequences padded by `pad_token_id` (default: the first stop token, else 0); for ragged input, a list of
         arrays, each its prompt + continuation up to and including its stop token.
-        `callback(step, tokens [B], done [B])` is called on the host for every generated position as it is made.
+        `callback(step, tokens [B], done [B])` is called on the host for every generated position, in order;
+        the decode loop delivers them in bursts of up to `generate.DECODE_CHUNK` (8) positions.
         """
         prompts, form = self._as_batch(ids)
         stops = tuple(int(s) for s in stop_tokens)
