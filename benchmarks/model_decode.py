@@ -24,7 +24,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from megamoe_jax.generate import DECODE_CHUNK, Generator, Sampling
