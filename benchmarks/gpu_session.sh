@@ -4,6 +4,9 @@
 #
 #   benchmarks/gpu_session.sh [STEP ...]   steps: shard tests decode decode_cb profile kernels   (default: all)
 #
+# One device call may run 600 s and each step is bounded, so e.g. `decode shard` (~500 s) and `tests kernels`
+# (~600 s) fit one call each. decode_cb is kept for the record: XLA command buffers made the step slower.
+#
 # The GPU machine's transformers predates DeepSeek-V4, so the sharding test's tiny checkpoint is built here first
 # (`python -m tests.gpu.test_sharding_gpu .carry/tiny_ckpt`) and carried; MEGAMOE_TINY_CKPT points at it.
 set -uo pipefail
@@ -21,7 +24,7 @@ step() {  # name, seconds, command...
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(shard tests decode decode_cb profile kernels)
+[ ${#steps[@]} -eq 0 ] && steps=(decode shard profile tests kernels)
 for s in "${steps[@]}"; do
   case "$s" in
     shard)   # each compile of the tiny model took 35-50 s on an H200 (2026-12-01, autotuning on or off); the model
@@ -30,12 +33,17 @@ for s in "${steps[@]}"; do
                   --durations=0 ;;
     tests)   step tests 300 python -m pytest -q -p no:cacheprovider tests/gpu --tb=short \
                             --ignore=tests/gpu/test_sharding_gpu.py ;;
-    decode)  step decode 240 python benchmarks/model_decode.py --steps 8 --repeats 2 --json "$out/model_decode.json" ;;
+    decode)  # each batch size compiles its own loop (~40 s on an H200); bf16 only at batch 1 (its step is ~44 ms)
+             step decode 200 python benchmarks/model_decode.py --formats nvfp4 --batches 1,8,64 --steps 8 \
+                  --repeats 2 --json "$out/model_decode_nvfp4.json"
+             step decode_bf16 80 python benchmarks/model_decode.py --formats bf16 --batches 1 --steps 8 \
+                  --repeats 1 --json "$out/model_decode_bf16.json" ;;
     decode_cb)  # the same loop with the whole while loop captured as CUDA graphs (launch overhead per step)
              step decode_cb 120 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
                   python benchmarks/model_decode.py --formats nvfp4 --batches 1,8 --steps 8 --repeats 2 \
                   --json "$out/model_decode_cb.json" ;;
-    profile) step profile 150 python benchmarks/decode_profile.py --batch 1 --json "$out/decode_profile.json" ;;
+    profile) step profile 150 python benchmarks/decode_profile.py --batch 1 --json "$out/decode_profile.json" \
+                  --hlo "$out/decode_step.hlo" ;;
     kernels) step kernels 300 python benchmarks/moe_kernels.py --sections ceilings,grouped,fused,actquant \
                               --tokens 1,8,64,8192 --out "$out" ;;
     *) echo "unknown step $s (shard tests decode decode_cb profile kernels)" >&2; exit 2 ;;
