@@ -2,7 +2,7 @@
 # Everything the GPU machine is needed for, in one call, most important first; each step is bounded so a slow
 # one cannot eat the rest, and each step's log lands in $OUT (or ./out) for RESULTS.md.
 #
-#   benchmarks/gpu_session.sh [STEP ...]   steps: shard tests decode decode_cb profile kernels   (default: all)
+#   benchmarks/gpu_session.sh [STEP ...]   steps: shard tests decode decode_sk decode_cb profile kernels
 #
 # One device call may run 600 s and each step is bounded, so e.g. `decode shard` (~500 s) and `tests kernels`
 # (~600 s) fit one call each. decode_cb is kept for the record: XLA command buffers made the step slower.
@@ -38,6 +38,9 @@ for s in "${steps[@]}"; do
                   --repeats 2 --json "$out/model_decode_nvfp4.json"
              step decode_bf16 80 python benchmarks/model_decode.py --formats bf16 --batches 1 --steps 8 \
                   --repeats 1 --json "$out/model_decode_bf16.json" ;;
+    decode_sk)  # the decode loop with the mHC Sinkhorn kernel (opt-in until tests/gpu/test_sinkhorn_gpu.py passes)
+             step decode_sk 120 env MEGAMOE_SINKHORN_KERNEL=1 python benchmarks/model_decode.py --formats nvfp4 \
+                  --batches 1,8 --steps 8 --repeats 2 --json "$out/model_decode_sinkhorn_kernel.json" ;;
     decode_cb)  # the same loop with the whole while loop captured as CUDA graphs (launch overhead per step)
              step decode_cb 120 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
                   python benchmarks/model_decode.py --formats nvfp4 --batches 1,8 --steps 8 --repeats 2 \
@@ -46,6 +49,6 @@ for s in "${steps[@]}"; do
                   --hlo "$out/decode_step.hlo" ;;
     kernels) step kernels 300 python benchmarks/moe_kernels.py --sections ceilings,grouped,fused,actquant \
                               --tokens 1,8,64,8192 --out "$out" ;;
-    *) echo "unknown step $s (shard tests decode decode_cb profile kernels)" >&2; exit 2 ;;
+    *) echo "unknown step $s (shard tests decode decode_sk decode_cb profile kernels)" >&2; exit 2 ;;
   esac
 done

@@ -52,6 +52,16 @@ def kernels_enabled() -> bool:
     return ok
 
 
+def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
+    """mHC Sinkhorn: logits [..., n, n] -> comb [..., n, n] fp32. The Mosaic GPU kernel (one launch, fast
+    compile) runs only when MEGAMOE_SINKHORN_KERNEL=1 on Hopper until it has been checked on a GPU
+    (pallas_kernels/sinkhorn.py); otherwise the unrolled XLA formulation."""
+    from pallas_kernels import sinkhorn as sk
+    if os.environ.get("MEGAMOE_SINKHORN_KERNEL") == "1" and kernels_enabled():
+        return sk.sinkhorn(logits, iters, eps)
+    return sk.reference(logits.astype(jnp.float32), iters, eps)
+
+
 def linear(x: jax.Array, w, *, out_dtype=None, name: str | None = None) -> jax.Array:
     """x [..., K] @ w[N, K]^T -> [..., N] for any weight format. `name` (module path) feeds calibration."""
     if _observer is not None and name is not None:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from megamoe_jax.model.norms import rms_scale
+from pallas_kernels import dispatch
 
 _HI = jax.lax.Precision.HIGHEST   # tiny matmuls; keep them exact fp32 on GPUs too (no TF32)
 
@@ -34,15 +35,7 @@ def sinkhorn_split(mixes: jax.Array, scale: jax.Array, base: jax.Array, n: int, 
     pre = jax.nn.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + eps
     post = 2.0 * jax.nn.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
     logits = (mixes[..., 2 * n:] * scale[2] + base[2 * n:]).reshape(*mixes.shape[:-1], n, n)
-    comb = jax.nn.softmax(logits, axis=-1) + eps                        # rows: comb[i, :] over j
-    comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)         # columns
-
-    # A Python loop, not lax.fori_loop: the iterations are a few tiny [.., n, n] ops that XLA can fuse when
-    # unrolled; in a while loop the GPU runs every iteration as kernels of its own (19 per hc_pre, 2 per block).
-    for _ in range(iters - 1):
-        comb = comb / (jnp.sum(comb, axis=-1, keepdims=True) + eps)
-        comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)
-    return pre, post, comb
+    return pre, post, dispatch.sinkhorn(logits, iters, eps)
 
 
 def hc_pre(x: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, *, hc_mult: int, iters: int,
