@@ -194,3 +194,12 @@ def test_decode_loop_runs_chunks_of_known_trip_count(setup):
               and 'op_name="jit(_decode)/while/body/while"' in w]
     assert len(unknown) == 1 and 'op_name="jit(_decode)/while"' in unknown[0], unknown   # only the outer loop
     assert len(chunks) == 1
+
+
+@pytest.mark.parametrize("new", [1, 8, 9])
+def test_short_generations_end_inside_a_chunk(setup, new):
+    # max_new_tokens of 1 (no decode step), exactly one chunk and one past it: masked steps change nothing
+    model, hf = setup
+    ids = _prompt(19, 3)
+    ref = _greedy_ref(hf, ids)
+    np.testing.assert_array_equal(model.generate(ids, new), ref[: 19 + new])
