@@ -159,7 +159,7 @@ def _decode(graphdef, params, state, first_logits, rng, max_new, stops, pad, tem
         jax.debug.callback(_trampoline, 0, tok[None], done[None], jnp.ones((1,), bool), ordered=True)
 
     def one_step(i, carry):
-        step, tok, state, out, done, steps, log = carry
+        step, tok, state, out, done, steps, *log = carry                       # log: only when streaming
         active = ~done & (step < max_new)                                      # [B]
         h, state = model(tok[:, None], state, active.astype(jnp.int32))
         nxt = pick(model.logits(h[:, 0]), jax.random.fold_in(rng, step))
@@ -168,20 +168,21 @@ def _decode(graphdef, params, state, first_logits, rng, max_new, stops, pad, tem
         done = done | ~active | jnp.isin(nxt, stops)
         ran = jnp.any(active)
         steps = jnp.where(ran, step + 1, steps)
-        log = (log[0].at[i].set(nxt), log[1].at[i].set(done), log[2].at[i].set(ran))
-        return step + 1, nxt, state, out, done, steps, log
+        if streaming:
+            log = [log[0].at[i].set(nxt), log[1].at[i].set(done), log[2].at[i].set(ran)]
+        return step + 1, nxt, state, out, done, steps, *log
 
     def cond(carry):
         step, _, _, _, done, _ = carry
         return (step < max_new) & ~jnp.all(done)
 
     def body(carry):
-        step0 = carry[0]
+        if not streaming:
+            return jax.lax.fori_loop(0, chunk, one_step, carry)
         log = (jnp.zeros((chunk, b), jnp.int32), jnp.zeros((chunk, b), bool), jnp.zeros((chunk,), bool))
-        *carry, log = jax.lax.fori_loop(0, chunk, one_step, (*carry, log))
-        if streaming:
-            jax.debug.callback(_trampoline, step0, *log, ordered=True)
-        return tuple(carry)
+        *carry_out, t, d, r = jax.lax.fori_loop(0, chunk, one_step, (*carry, *log))
+        jax.debug.callback(_trampoline, carry[0], t, d, r, ordered=True)
+        return tuple(carry_out)
 
     init = (jnp.int32(1), tok, state, out, done, jnp.int32(1))
     _, _, state, out, _, steps = jax.lax.while_loop(cond, body, init)

@@ -16,6 +16,7 @@ is the check that must pass before it becomes the default on Hopper).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -72,9 +73,7 @@ def sinkhorn(logits: jax.Array, iters: int, eps: float, *, interpret: bool = Fal
         raise ValueError(f"sinkhorn: logits must be [..., n, n], got {list(logits.shape)}")
     if iters < 1:
         raise ValueError(f"sinkhorn: iters must be >= 1, got {iters}")
-    r = 1
-    for d in lead:
-        r *= d
+    r = math.prod(lead)
     if r == 0:
         return jnp.zeros(logits.shape, jnp.float32)
     rp = -(-r // _TILE) * _TILE
