@@ -2,7 +2,7 @@
 # Everything the GPU machine is needed for, in one call, most important first; each step is bounded so a slow
 # one cannot eat the rest, and each step's log lands in $OUT (or ./out) for RESULTS.md.
 #
-#   benchmarks/gpu_session.sh [STEP ...]   steps: shard tests decode decode_sk decode_cb profile kernels
+#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests decode decode_sk decode_cb profile kernels
 #
 # One device call may run 600 s and each step is bounded, so e.g. `decode shard` (~500 s) and `tests kernels`
 # (~600 s) fit one call each. decode_cb is kept for the record: XLA command buffers made the step slower.
@@ -27,6 +27,11 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(decode shard profile tests kernels)
 for s in "${steps[@]}"; do
   case "$s" in
+    sinkhorn)  # the mHC Sinkhorn kernel's GPU test; when it passes, the later steps of this call use the kernel
+             step sinkhorn 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_sinkhorn_gpu.py --tb=short
+             if grep -q " passed" "$out/sinkhorn.log" && ! grep -qE "failed|error" "$out/sinkhorn.log"; then
+               export MEGAMOE_SINKHORN_KERNEL=1; echo "== Sinkhorn kernel on for the following steps"
+             fi ;;
     shard)   # each compile of the tiny model took 35-50 s on an H200 (2026-12-01, autotuning on or off); the model
              # tests compile 6 programs, so this step needs its 300 s
              step shard 300 python -m pytest -q -p no:cacheprovider tests/gpu/test_sharding_gpu.py --tb=short \
@@ -49,6 +54,6 @@ for s in "${steps[@]}"; do
                   --hlo "$out/decode_step.hlo" ;;
     kernels) step kernels 300 python benchmarks/moe_kernels.py --sections ceilings,grouped,fused,actquant \
                               --tokens 1,8,64,8192 --out "$out" ;;
-    *) echo "unknown step $s (shard tests decode decode_sk decode_cb profile kernels)" >&2; exit 2 ;;
+    *) echo "unknown step $s (sinkhorn shard tests decode decode_sk decode_cb profile kernels)" >&2; exit 2 ;;
   esac
 done
