@@ -27,11 +27,8 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(decode shard profile tests kernels)
 for s in "${steps[@]}"; do
   case "$s" in
-    sinkhorn)  # the mHC Sinkhorn kernel's GPU test; when it passes, the later steps of this call use the kernel
-             step sinkhorn 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_sinkhorn_gpu.py --tb=short
-             if grep -q " passed" "$out/sinkhorn.log" && ! grep -qE "failed|error" "$out/sinkhorn.log"; then
-               export MEGAMOE_SINKHORN_KERNEL=1; echo "== Sinkhorn kernel on for the following steps"
-             fi ;;
+    sinkhorn)  # the mHC Sinkhorn kernel's GPU test (the kernel is the default for prefill on Hopper)
+             step sinkhorn 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_sinkhorn_gpu.py --tb=short ;;
     shard)   # each compile of the tiny model took 35-50 s on an H200 (2026-12-01, autotuning on or off); the model
              # tests compile 6 programs, so this step needs its 300 s
              step shard 300 python -m pytest -q -p no:cacheprovider tests/gpu/test_sharding_gpu.py --tb=short \

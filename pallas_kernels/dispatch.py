@@ -52,12 +52,18 @@ def kernels_enabled() -> bool:
     return ok
 
 
-def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
-    """mHC Sinkhorn: logits [..., n, n] -> comb [..., n, n] fp32. The Mosaic GPU kernel (one launch, fast
-    compile) runs only when MEGAMOE_SINKHORN_KERNEL=1 on Hopper until it has been checked on a GPU
-    (pallas_kernels/sinkhorn.py); otherwise the unrolled XLA formulation."""
+def sinkhorn(logits: jax.Array, iters: int, eps: float, *, decode: bool = False) -> jax.Array:
+    """mHC Sinkhorn: logits [..., n, n] -> comb [..., n, n] fp32.
+
+    On Hopper, prefill-shaped calls (`decode=False`) use the Mosaic GPU kernel (pallas_kernels/sinkhorn.py: one
+    launch, and a GPU compile of the tiny model 5x faster than the unrolled XLA form); decode steps (one token
+    per sequence) keep the unrolled XLA form, whose fusions ran the V4-Flash decode step 1.6% (batch 1) and 3.5%
+    (batch 8) faster on an H200 (benchmarks/RESULTS.md, 2026-12-02). MEGAMOE_SINKHORN_KERNEL=1 / 0 forces the
+    kernel / the XLA form everywhere."""
     from pallas_kernels import sinkhorn as sk
-    if os.environ.get("MEGAMOE_SINKHORN_KERNEL") == "1" and kernels_enabled():
+    forced = os.environ.get("MEGAMOE_SINKHORN_KERNEL")
+    use_kernel = forced == "1" if forced in ("0", "1") else not decode
+    if use_kernel and kernels_enabled():
         return sk.sinkhorn(logits, iters, eps)
     return sk.reference(logits.astype(jnp.float32), iters, eps)
 

@@ -43,16 +43,33 @@ def test_kernel_lowers_for_cuda():
     assert "mosaic_gpu" in text
 
 
-def test_dispatch_uses_the_reference_unless_asked(monkeypatch):
+def test_dispatch_picks_the_kernel_for_prefill_and_xla_for_decode(monkeypatch):
     x = _logits((2, 5, 4, 4))
     want = np.asarray(sk.reference(x, 20, 1e-6))
     monkeypatch.delenv("MEGAMOE_SINKHORN_KERNEL", raising=False)
-    np.testing.assert_array_equal(np.asarray(dispatch.sinkhorn(x, 20, 1e-6)), want)
+    np.testing.assert_array_equal(np.asarray(dispatch.sinkhorn(x, 20, 1e-6)), want)   # no Hopper: reference
     calls = []
     monkeypatch.setattr(dispatch, "kernels_enabled", lambda: True)
     monkeypatch.setattr(sk, "sinkhorn", lambda *a, **k: calls.append(a) or sk.reference(*a))
+    dispatch.sinkhorn(x, 20, 1e-6, decode=True)
+    assert not calls                                   # decode step on "Hopper": the XLA form
     dispatch.sinkhorn(x, 20, 1e-6)
-    assert not calls                                   # not opted in: still the reference on "Hopper"
+    assert len(calls) == 1                             # prefill on "Hopper": the kernel
     monkeypatch.setenv("MEGAMOE_SINKHORN_KERNEL", "1")
+    dispatch.sinkhorn(x, 20, 1e-6, decode=True)
+    assert len(calls) == 2                             # forced on
+    monkeypatch.setenv("MEGAMOE_SINKHORN_KERNEL", "0")
     dispatch.sinkhorn(x, 20, 1e-6)
-    assert len(calls) == 1
+    assert len(calls) == 2                             # forced off
+
+
+def test_hc_pre_tells_decode_from_prefill(monkeypatch):
+    from megamoe_jax.model import mhc
+    seen = []
+    monkeypatch.setattr(dispatch, "sinkhorn", lambda lg, it, eps, decode=False: seen.append(decode) or
+                        sk.reference(lg, it, eps))
+    fn = jnp.zeros((24, 4 * 8), jnp.float32)
+    for t in (1, 3):
+        mhc.hc_pre(jnp.ones((2, t, 4, 8), jnp.bfloat16), fn, jnp.ones((3,)), jnp.zeros((24,)), hc_mult=4, iters=2,
+                   rms_eps=1e-6, hc_eps=1e-6)
+    assert seen == [True, False]

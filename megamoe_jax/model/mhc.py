@@ -28,20 +28,24 @@ def hc_mixes(x: jax.Array, fn: jax.Array, rms_eps: float) -> jax.Array:
     return mixes * rms_scale(xf, rms_eps)
 
 
-def sinkhorn_split(mixes: jax.Array, scale: jax.Array, base: jax.Array, n: int, iters: int, eps: float):
-    """[R] hc_split_sinkhorn: mixes [..., (2+n)n] -> pre [..., n], post [..., n], comb [..., n, n] (fp32)."""
+def sinkhorn_split(mixes: jax.Array, scale: jax.Array, base: jax.Array, n: int, iters: int, eps: float, *,
+                   decode: bool = False):
+    """[R] hc_split_sinkhorn: mixes [..., (2+n)n] -> pre [..., n], post [..., n], comb [..., n, n] (fp32).
+    `decode` (one token per sequence) only picks the Sinkhorn implementation (dispatch.sinkhorn)."""
     scale = scale.astype(jnp.float32)
     base = base.astype(jnp.float32)
     pre = jax.nn.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + eps
     post = 2.0 * jax.nn.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
     logits = (mixes[..., 2 * n:] * scale[2] + base[2 * n:]).reshape(*mixes.shape[:-1], n, n)
-    return pre, post, dispatch.sinkhorn(logits, iters, eps)
+    return pre, post, dispatch.sinkhorn(logits, iters, eps, decode=decode)
 
 
 def hc_pre(x: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, *, hc_mult: int, iters: int,
            rms_eps: float, hc_eps: float):
-    """x [..., n, D] -> (y [..., D] in x.dtype, post [..., n] fp32, comb [..., n, n] fp32)."""
-    pre, post, comb = sinkhorn_split(hc_mixes(x, fn, rms_eps), scale, base, hc_mult, iters, hc_eps)
+    """x [..., T, n, D] -> (y [..., T, D] in x.dtype, post [..., T, n] fp32, comb [..., T, n, n] fp32)."""
+    decode = x.ndim >= 3 and x.shape[-3] == 1                           # one token per sequence
+    pre, post, comb = sinkhorn_split(hc_mixes(x, fn, rms_eps), scale, base, hc_mult, iters, hc_eps,
+                                     decode=decode)
     y = jnp.sum(pre[..., None] * x.astype(jnp.float32), axis=-2)        # [..., D]
     return y.astype(x.dtype), post, comb
 

@@ -1,0 +1,75 @@
+"""The Hopper kernel's code -> bf16 bit formulas (pallas_kernels/nvfp4_decode.py), run on emulated PTX.
+
+The formulas are the functions the kernel calls, given numpy stand-ins for the MLIR ops (`prmt` emulated from the
+PTX ISA: bytes 0-3 from the first operand, 4-7 from the second, a selector nibble with bit 3 set replicates the
+top bit of the byte it selects). Both variants must give, for every code, the bf16 pattern value(code) * 2^-126
+in the lane the WGMMA layout expects (code 2j in the low half of register j, code 2j+1 in the high half), and
+the same bits as each other. The kernel itself is checked on every code and scale by tests/gpu."""
+import types
+
+import numpy as np
+import pytest
+
+from pallas_kernels import nvfp4_decode as nd
+
+
+def _prmt(a, b, c):
+    tbl = np.asarray(a, np.uint64) | (np.asarray(b, np.uint64) << np.uint64(32))
+    c = np.asarray(c, np.uint64)
+    out = np.zeros(np.broadcast(tbl, c).shape, np.uint64)
+    for i in range(4):
+        sel = (c >> np.uint64(4 * i)) & np.uint64(0xF)
+        byte = (tbl >> (np.uint64(8) * (sel & np.uint64(7)))) & np.uint64(0xFF)
+        rep = np.where((byte >> np.uint64(7)) & np.uint64(1) == 1, np.uint64(0xFF), np.uint64(0))
+        out |= np.where((sel & np.uint64(8)) != 0, rep, byte) << np.uint64(8 * i)
+    return out.astype(np.uint32)
+
+
+_ARITH = types.SimpleNamespace(
+    andi=lambda a, b: np.bitwise_and(a, b, dtype=np.uint32),
+    ori=lambda a, b: np.bitwise_or(a, b, dtype=np.uint32),
+    shrui=lambda a, b: np.right_shift(a, b, dtype=np.uint32),
+    shli=lambda a, b: np.left_shift(a, b, dtype=np.uint32),
+    muli=lambda a, b: ((a.astype(np.uint64) * np.uint64(b)) & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+_UTILS = types.SimpleNamespace(prmt=_prmt)
+_C32 = np.uint32
+
+
+def _expected(w):
+    """value(code) * 2^-126 as bf16 bits: sign at 15, the 3 magnitude bits at 8..6."""
+    out = []
+    for j in range(4):
+        lanes = []
+        for i in (2 * j, 2 * j + 1):
+            code = (w >> np.uint32(4 * i)) & np.uint32(0xF)
+            lanes.append(((code & np.uint32(7)) << np.uint32(6)) | ((code >> np.uint32(3)) << np.uint32(15)))
+        out.append(lanes[0] | (lanes[1] << np.uint32(16)))
+    return out
+
+
+def test_pair_bits_match_the_bf16_pattern_of_every_code():
+    rng = np.random.default_rng(0)
+    w = np.concatenate([rng.integers(0, 2 ** 32, 500_000, dtype=np.uint64).astype(np.uint32),
+                        np.arange(1 << 16, dtype=np.uint32), np.arange(1 << 16, dtype=np.uint32) << np.uint32(16),
+                        np.array([0, 0xFFFFFFFF, 0x88888888, 0x77777777], np.uint32)])
+    want = _expected(w)
+    for f in (nd._pair_bits_shift, nd._pair_bits_imad):
+        got = f(w, _C32, _ARITH, _UTILS)
+        for j in range(4):
+            np.testing.assert_array_equal(got[j], want[j], err_msg=f"{f.__name__}, register {j}")
+
+
+def test_bf16_pattern_is_value_times_2_to_minus_126():
+    """The bits above, read as bf16, are e2m1 value * 2^-126 for all 16 codes (the kernel's scale fold relies
+    on it)."""
+    codes = np.arange(16, dtype=np.uint32)
+    bits = ((codes & 7) << 6) | ((codes >> 3) << 15)
+    as_f32 = (bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+    want = np.asarray(nd.e2m1_value(codes.astype(np.int32)), np.float64) * 2.0 ** -126
+    np.testing.assert_array_equal(as_f32, want)
+
+
+def test_decode_method_is_checked(monkeypatch):
+    monkeypatch.setenv("MEGAMOE_NVFP4_DECODE", "fast")
+    with pytest.raises(ValueError, match="imad or shift"):
+        nd.decode_method()
