@@ -140,13 +140,15 @@ def copy_bandwidth(sustained: bool = False) -> float:
     return 2 * x.nbytes / statistics.median(ts)
 
 
-def _set_sinkhorn(variant: str):
-    """Select the mHC Sinkhorn for the programs traced next (dispatch.sinkhorn reads it at trace time)."""
-    if variant not in ("default", "xla", "kernel"):
-        raise ValueError(f"--sinkhorn variants are default, xla, kernel; got {variant!r}")
+def _set_variant(variant: str):
+    """Select the code variant for the programs traced next (both switches are read at trace time)."""
+    from megamoe_jax.model import compressor
+    if variant not in ("default", "sinkhorn_xla", "sinkhorn_kernel", "pool_every_step"):
+        raise ValueError(f"unknown variant {variant!r}")
     os.environ.pop("MEGAMOE_SINKHORN_KERNEL", None)
-    if variant != "default":
-        os.environ["MEGAMOE_SINKHORN_KERNEL"] = "1" if variant == "kernel" else "0"
+    if variant.startswith("sinkhorn_"):
+        os.environ["MEGAMOE_SINKHORN_KERNEL"] = "1" if variant == "sinkhorn_kernel" else "0"
+    compressor.SKIP_IDLE_POOLING = variant != "pool_every_step"
     jax.clear_caches()   # the decode loop is jitted on the model: force a fresh trace
 
 
@@ -189,8 +191,9 @@ def main():
     ap.add_argument("--formats", default="nvfp4,bf16")
     ap.add_argument("--json", default="model_decode.json")
     ap.add_argument("--preset", default="flash", choices=["flash", "tiny"])
-    ap.add_argument("--sinkhorn", default="default",
-                    help="comma list of mHC Sinkhorn variants to time in this process: default, xla, kernel")
+    ap.add_argument("--variants", default="default",
+                    help="comma list of code variants to time in this process: default, sinkhorn_xla, "
+                         "sinkhorn_kernel (mHC Sinkhorn forced), pool_every_step (compressors pool on every step)")
     args = ap.parse_args()
 
     cfg = slice_config(args.layers, args.preset)
@@ -203,19 +206,19 @@ def main():
     for fmt in args.formats.split(","):
         model = build_model(cfg, nvfp4=(fmt == "nvfp4"))
         dense = non_expert_bytes(model, cfg)
-        for variant in args.sinkhorn.split(","):
-            _set_sinkhorn(variant)
+        for variant in args.variants.split(","):
+            _set_variant(variant)
             for b in map(int, args.batches.split(",")):
                 try:
                     step_s, n = time_decode(model, cfg, b, args.context, args.steps, args.repeats)
                 except Exception as e:  # OOM or a lowering failure is a result, not a crash
-                    rows.append(dict(format=fmt, batch=b, sinkhorn=variant,
+                    rows.append(dict(format=fmt, batch=b, variant=variant,
                                      error=f"{type(e).__name__}: {str(e)[:200]}"))
                     print(rows[-1], flush=True)
                     continue
                 need = dense + weight_bytes(cfg, b, fmt == "nvfp4")
                 floor = need / bw
-                rows.append(dict(format=fmt, batch=b, sinkhorn=variant, step_ms=step_s * 1e3,
+                rows.append(dict(format=fmt, batch=b, variant=variant, step_ms=step_s * 1e3,
                                  tokens_per_s=b / step_s, bytes_gb=need / 1e9, floor_ms=floor * 1e3,
                                  pct_of_floor=100 * floor / step_s,
                                  pct_of_sustained_floor=100 * need / bw_sustained / step_s, steps=n))
@@ -224,15 +227,15 @@ def main():
     by = {(r["format"], r["batch"]): r for r in rows if "error" not in r}
     print(f"copy: {bw / 1e12:.2f} TB/s per call (floor ms, % of floor), {bw_sustained / 1e12:.2f} TB/s sustained")
     print(f"\n{dev.device_kind}, {datetime.date.today()}, {cfg.num_hidden_layers} layers, context {args.context}")
-    print("| format | sinkhorn | batch | step ms | tokens/s | bytes GB | floor ms | % of floor | % sustained | vs bf16 |")
+    print("| format | variant | batch | step ms | tokens/s | bytes GB | floor ms | % of floor | % sustained | vs bf16 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['format']} | {r['sinkhorn']} | {r['batch']} | {r['error']} |")
+            print(f"| {r['format']} | {r['variant']} | {r['batch']} | {r['error']} |")
             continue
         base = by.get(("bf16", r["batch"]))
         speed = f"{base['step_ms'] / r['step_ms']:.2f}x" if base else "-"
-        print(f"| {r['format']} | {r['sinkhorn']} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.0f} | "
+        print(f"| {r['format']} | {r['variant']} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.0f} | "
               f"{r['bytes_gb']:.2f} | {r['floor_ms']:.3f} | {r['pct_of_floor']:.1f}% | "
               f"{r['pct_of_sustained_floor']:.1f}% | {speed} |")
     with open(args.json, "w") as f:

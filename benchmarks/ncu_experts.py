@@ -7,6 +7,9 @@ times so that ncu can read the Mosaic GPU kernels' hardware counters:
         python benchmarks/ncu_experts.py --tokens 1
 
 (the first call compiles and warms up; `--launch-skip 2` skips its two kernels, the next two are gate/up and down).
+
+`--time` instead prints the CUPTI GPU time of the whole call and of each Mosaic GPU kernel for every `--tokens`
+value, against the floor (touched expert bytes over --copy-tb-s), e.g. to compare MEGAMOE_NVFP4_DECODE=shift|imad.
 """
 from __future__ import annotations
 
@@ -23,8 +26,13 @@ from pallas_kernels import fused_moe
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=1)
+    ap.add_argument("--tokens-list", default=None, help="with --time: comma list of token counts")
     ap.add_argument("--calls", type=int, default=3)
+    ap.add_argument("--time", action="store_true")
+    ap.add_argument("--copy-tb-s", type=float, default=3.29, help="copy rate for the floor (measured, sustained)")
     args = ap.parse_args()
+    if args.time:
+        return time_tokens([int(t) for t in str(args.tokens_list or args.tokens).split(",")], args.copy_tb_s)
     e, d, i, k = 256, 4096, 2048, 6
     keys = jax.random.split(jax.random.key(0), 4)
     w1, w3, w2 = (random_nvfp4(keys[0], (e, i, d)), random_nvfp4(keys[1], (e, i, d)),
@@ -37,6 +45,35 @@ def main():
     for _ in range(args.calls):
         out = f(x, w1, w3, w2, idx, wts)
     print("out", out.shape, float(jnp.abs(out.astype(jnp.float32)).mean()))
+
+
+def time_tokens(tokens, copy_tb_s):
+    import os
+    import statistics
+    from jax.experimental.mosaic.gpu import profiler
+    e, d, i, k = 256, 4096, 2048, 6
+    keys = jax.random.split(jax.random.key(0), 4)
+    w1, w3, w2 = (random_nvfp4(keys[0], (e, i, d)), random_nvfp4(keys[1], (e, i, d)),
+                  random_nvfp4(keys[2], (e, d, i)))
+    f = jax.jit(lambda x, a, b, c, idx, w: fused_moe.moe_experts(x, a, b, c, idx, w, 10.0))
+    method = os.environ.get("MEGAMOE_NVFP4_DECODE", "imad")
+    print(f"| decode | T | experts | call ms | kernels ms (gate/up, down) | floor ms | call / floor |")
+    print("|---|---|---|---|---|---|---|")
+    for t in tokens:
+        rng = np.random.default_rng(t)
+        idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]), jnp.int32)
+        touched = len(np.unique(np.asarray(idx)))
+        wts = jnp.full((t, k), 1.0 / k, jnp.float32)
+        x = (0.5 * jax.random.normal(keys[3], (t, d), jnp.float32)).astype(jnp.bfloat16)
+        args = (x, w1, w3, w2, idx, wts)
+        jax.block_until_ready(f(*args))
+        calls = [profiler.measure(f)(*args)[1] for _ in range(7)]
+        _, kern = profiler.measure(f, aggregate=False)(*args)
+        ks = [ms for name, ms in kern if "mosaic" in name.lower()]
+        floor = touched * 3 * d * i * 0.5625 / (copy_tb_s * 1e12) * 1e3
+        call = statistics.median(calls)
+        print(f"| {method} | {t} | {touched} | {call:.4f} | {', '.join(f'{v:.4f}' for v in ks)} | {floor:.4f} | "
+              f"{call / floor:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
