@@ -2,7 +2,7 @@
 # Everything the GPU machine is needed for, in one call, most important first; each step is bounded so a slow
 # one cannot eat the rest, and each step's log lands in $OUT (or ./out) for RESULTS.md.
 #
-#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests decode decode_sk decode_cb profile kernels
+#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests decode decode_ab decode_cb profile kernels
 #
 # One device call may run 600 s and each step is bounded, so e.g. `decode shard` (~500 s) and `tests kernels`
 # (~600 s) fit one call each. decode_cb is kept for the record: XLA command buffers made the step slower.
@@ -36,21 +36,22 @@ for s in "${steps[@]}"; do
     tests)   step tests 300 python -m pytest -q -p no:cacheprovider tests/gpu --tb=short \
                             --ignore=tests/gpu/test_sharding_gpu.py ;;
     decode)  # each batch size compiles its own loop (~40 s on an H200); bf16 only at batch 1 (its step is ~44 ms)
-             step decode 200 python benchmarks/model_decode.py --formats nvfp4 --batches 1,8,64 --steps 8 \
+             step decode 200 python benchmarks/model_decode.py --formats nvfp4 --batches 1,8,64 --steps 32 \
                   --repeats 2 --json "$out/model_decode_nvfp4.json"
              step decode_bf16 80 python benchmarks/model_decode.py --formats bf16 --batches 1 --steps 8 \
                   --repeats 1 --json "$out/model_decode_bf16.json" ;;
-    decode_sk)  # the decode loop with the mHC Sinkhorn kernel (opt-in until tests/gpu/test_sinkhorn_gpu.py passes)
-             step decode_sk 120 env MEGAMOE_SINKHORN_KERNEL=1 python benchmarks/model_decode.py --formats nvfp4 \
-                  --batches 1,8 --steps 8 --repeats 2 --json "$out/model_decode_sinkhorn_kernel.json" ;;
+    decode_ab)  # same-process A/Bs of the decode step: mHC Sinkhorn form, compressor pooling skipped or not
+             step decode_ab 300 python benchmarks/model_decode.py --formats nvfp4 --batches 1,8 --steps 32 \
+                  --repeats 3 --variants sinkhorn_xla,sinkhorn_kernel,skip_idle_pooling \
+                  --json "$out/model_decode_ab.json" ;;
     decode_cb)  # the same loop with the whole while loop captured as CUDA graphs (launch overhead per step)
              step decode_cb 120 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
-                  python benchmarks/model_decode.py --formats nvfp4 --batches 1,8 --steps 8 --repeats 2 \
+                  python benchmarks/model_decode.py --formats nvfp4 --batches 1,8 --steps 32 --repeats 2 \
                   --json "$out/model_decode_cb.json" ;;
     profile) step profile 150 python benchmarks/decode_profile.py --batch 1 --json "$out/decode_profile.json" \
                   --hlo "$out/decode_step.hlo" ;;
     kernels) step kernels 300 python benchmarks/moe_kernels.py --sections ceilings,grouped,fused,actquant \
                               --tokens 1,8,64,8192 --out "$out" ;;
-    *) echo "unknown step $s (sinkhorn shard tests decode decode_sk decode_cb profile kernels)" >&2; exit 2 ;;
+    *) echo "unknown step $s (sinkhorn shard tests decode decode_ab decode_cb profile kernels)" >&2; exit 2 ;;
   esac
 done

@@ -34,9 +34,11 @@ from pallas_kernels import dispatch
 from pallas_kernels.reference import is_quantized
 
 CSA_RATIO = 4   # [R]: overlap (and the indexer) <=> compress ratio 4
-# Decode steps skip the pooling when no window completes (see Compressor.__call__); False computes it on every
-# step (the same results; kept so benchmarks/model_decode.py can time both).
-SKIP_IDLE_POOLING = True
+# True: decode steps skip the pooling when no window completes (a lax.cond, see Compressor.__call__; the same
+# results). Off by default: on an H200 (2026-12-02, same process) it made the V4-Flash decode step 2.8% slower at
+# batch 1 and 2.0% faster at batch 8 (the conditional node costs about what the skipped kernels save);
+# benchmarks/model_decode.py --variants default,skip_idle_pooling times both.
+SKIP_IDLE_POOLING = False
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
