@@ -15,7 +15,9 @@ loop (`Generator.decode_fn`: one jitted while loop of fixed-length chunks). Repo
   % sustained         the same against the sustained copy rate (calls queued back to back): the stricter figure
 
 Use `--steps 32` or more: the loop's start (the first chunk's launches) is spread over the timed steps, and with
-8 steps it added ~25% to the batch-1 step on an H200.
+8 steps it added ~25% to the batch-1 step on an H200. `--marginal-steps 128` also times 128 steps with the same
+compiled loop and reports the slope (the cost of one more token in a long generation) and the intercept (the
+fixed cost of a call).
 
 Prints a table and writes JSON (`--json`). Run on the GPU machine: `PYTHONPATH=. python benchmarks/model_decode.py`.
 """
@@ -133,10 +135,11 @@ def copy_bandwidth(sustained: bool = False) -> float:
     if sustained:
         for _ in range(3):
             t0 = time.perf_counter()
-            ys = [f(x) for _ in range(10)]
-            jax.block_until_ready(ys)
+            for _ in range(10):     # each result is dropped when the next call is queued: few live copies
+                y = f(x)
+            y.block_until_ready()   # one stream: the last call ends after the other nine
             ts.append((time.perf_counter() - t0) / 10)
-            del ys
+            del y
         return 2 * x.nbytes / min(ts)
     for _ in range(10):
         t0 = time.perf_counter()
@@ -157,33 +160,43 @@ def _set_variant(variant: str):
     jax.clear_caches()   # the decode loop is jitted on the model: force a fresh trace
 
 
-def time_decode(model, cfg, batch, context, steps, repeats):
-    """Seconds per model step of the production decode loop, and the number of model steps timed.
+def time_decode(model, cfg, batch, context, steps, repeats, marginal_steps: int = 0):
+    """Seconds per model step of the production decode loop at `steps` steps, the number of steps timed, and,
+    when `marginal_steps` > steps, (seconds per additional step, fixed seconds per call) from timing both counts
+    with the same compiled loop (the step count is a runtime argument).
 
-    The loop's first token comes from the prefill logits, so `steps` model steps need max_new = steps + 1; with
-    `steps` a multiple of the loop's chunk no masked step runs past the end, and every timed step is real."""
-    if steps % DECODE_CHUNK:
-        raise ValueError(f"--steps must be a multiple of the decode chunk ({DECODE_CHUNK}), got {steps}")
+    The loop's first token comes from the prefill logits, so n model steps need max_new = n + 1; with n a multiple
+    of the loop's chunk no masked step runs past the end, and every timed step is real."""
+    counts = [steps] + ([marginal_steps] if marginal_steps > steps else [])
+    for n in counts:
+        if n % DECODE_CHUNK:
+            raise ValueError(f"step counts must be multiples of the decode chunk ({DECODE_CHUNK}), got {n}")
     gen = Generator(model)
-    capacity = context + steps + 16
+    capacity = context + max(counts) + 16
     sampling = Sampling()
-    decode = gen.decode_fn(steps + 1, sampling.static, False)
+    decode = gen.decode_fn(max(counts) + 1, sampling.static, False)
     stops = jnp.full((4,), -1, jnp.int32)
     logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
-    times = []
-    for r in range(repeats + 1):
-        state = random_state(model, batch, context, capacity)
-        jax.block_until_ready(state)
-        t0 = time.perf_counter()
-        out, n, state = decode(gen.params, state, logits, jax.random.key(r), jnp.int32(steps + 1), stops,
-                               jnp.int32(0), jnp.float32(1.0), jnp.float32(1.0))
-        out.block_until_ready()
-        if r:  # the first call compiles
-            times.append(time.perf_counter() - t0)
-        del state
-    model_steps = int(n) - 1
-    assert model_steps == steps, (model_steps, steps)
-    return statistics.median(times) / model_steps, model_steps
+    per_call = {}
+    for n_steps in counts:
+        times = []
+        for r in range(repeats + 1):
+            state = random_state(model, batch, context, capacity)
+            jax.block_until_ready(state)
+            t0 = time.perf_counter()
+            out, n, state = decode(gen.params, state, logits, jax.random.key(r), jnp.int32(n_steps + 1), stops,
+                                   jnp.int32(0), jnp.float32(1.0), jnp.float32(1.0))
+            out.block_until_ready()
+            if r:  # the first call compiles (or warms up)
+                times.append(time.perf_counter() - t0)
+            del state
+        assert int(n) - 1 == n_steps, (int(n) - 1, n_steps)
+        per_call[n_steps] = statistics.median(times)
+    marginal = None
+    if len(counts) == 2:
+        slope = (per_call[counts[1]] - per_call[counts[0]]) / (counts[1] - counts[0])
+        marginal = (slope, per_call[counts[0]] - steps * slope)
+    return per_call[steps] / steps, steps, marginal
 
 
 def main():
@@ -193,6 +206,9 @@ def main():
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--marginal-steps", type=int, default=0,
+                    help="also time this many steps with the same loop and report the cost of one more step "
+                         "(the slope) and the fixed cost per call (the intercept)")
     ap.add_argument("--formats", default="nvfp4,bf16")
     ap.add_argument("--json", default="model_decode.json")
     ap.add_argument("--preset", default="flash", choices=["flash", "tiny"])
@@ -216,7 +232,8 @@ def main():
             _set_variant(variant)
             for b in map(int, args.batches.split(",")):
                 try:
-                    step_s, n = time_decode(model, cfg, b, args.context, args.steps, args.repeats)
+                    step_s, n, marginal = time_decode(model, cfg, b, args.context, args.steps, args.repeats,
+                                                      args.marginal_steps)
                 except Exception as e:  # OOM or a lowering failure is a result, not a crash
                     rows.append(dict(format=fmt, batch=b, variant=variant,
                                      error=f"{type(e).__name__}: {str(e)[:200]}"))
@@ -228,6 +245,10 @@ def main():
                                  tokens_per_s=b / step_s, bytes_gb=need / 1e9, floor_ms=floor * 1e3,
                                  pct_of_floor=100 * floor / step_s,
                                  pct_of_sustained_floor=100 * need / bw_sustained / step_s, steps=n))
+                if marginal is not None:
+                    rows[-1].update(marginal_steps=args.marginal_steps, marginal_step_ms=marginal[0] * 1e3,
+                                    fixed_ms_per_call=marginal[1] * 1e3,
+                                    pct_marginal_of_sustained_floor=100 * need / bw_sustained / marginal[0])
                 print(rows[-1], flush=True)
         del model
     by = {(r["format"], r["batch"]): r for r in rows if "error" not in r}
@@ -245,6 +266,14 @@ def main():
         print(f"| {r['format']} | {r['variant']} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.0f} | "
               f"{r['bytes_gb']:.2f} | {r['floor_ms']:.3f} | {r['pct_of_floor']:.1f}% | "
               f"{r['pct_of_sustained_floor']:.1f}% | {speed} |")
+    marg = [r for r in rows if "marginal_step_ms" in r]
+    if marg:
+        print(f"\nOne more step (slope between {args.steps} and {args.marginal_steps} steps, same compiled loop):")
+        print("| format | variant | batch | ms per additional step | fixed ms per call | % of sustained floor |")
+        print("|---|---|---|---|---|---|")
+        for r in marg:
+            print(f"| {r['format']} | {r['variant']} | {r['batch']} | {r['marginal_step_ms']:.3f} | "
+                  f"{r['fixed_ms_per_call']:.2f} | {r['pct_marginal_of_sustained_floor']:.1f}% |")
     with open(args.json, "w") as f:
         json.dump(dict(device=dev.device_kind, date=str(datetime.date.today()), copy_tb_s=bw / 1e12,
                        copy_sustained_tb_s=bw_sustained / 1e12,
