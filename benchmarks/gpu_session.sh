@@ -36,7 +36,7 @@ for s in "${steps[@]}"; do
     tests)   step tests 300 python -m pytest -q -p no:cacheprovider tests/gpu --tb=short \
                             --ignore=tests/gpu/test_sharding_gpu.py ;;
     decode)  # each batch size compiles its own loop (~40 s on an H200); bf16 only at batch 1 (its step is ~44 ms)
-             step decode 200 python benchmarks/model_decode.py --formats nvfp4 --batches 1,8,64 --steps 32 --marginal-steps 128 \
+             step decode 260 python benchmarks/model_decode.py --formats nvfp4 --batches 1,8,64 --steps 32 --marginal-steps 128 \
                   --repeats 2 --json "$out/model_decode_nvfp4.json"
              step decode_bf16 80 python benchmarks/model_decode.py --formats bf16 --batches 1 --steps 8 \
                   --repeats 1 --json "$out/model_decode_bf16.json" ;;
