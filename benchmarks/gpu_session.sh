@@ -2,7 +2,7 @@
 # Everything the GPU machine is needed for, in one call, most important first; each step is bounded so a slow
 # one cannot eat the rest, and each step's log lands in $OUT (or ./out) for RESULTS.md.
 #
-#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests decode decode_ab decode_cb profile kernels
+#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests decode decode_ab decode_cb profile ncu kernels
 #
 # One device call may run 600 s and each step is bounded, so e.g. `decode shard` (~500 s) and `tests kernels`
 # (~600 s) fit one call each. decode_cb is kept for the record: XLA command buffers made the step slower.
@@ -50,8 +50,16 @@ for s in "${steps[@]}"; do
                   --json "$out/model_decode_cb.json" ;;
     profile) step profile 150 python benchmarks/decode_profile.py --batch 1 --json "$out/decode_profile.json" \
                   --hlo "$out/decode_step.hlo" ;;
+    ncu)     # Nsight Compute on one layer's routed experts at T = 1 and 64: throughput, occupancy, stall reasons
+             ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+             for t in 1 64; do
+               step "ncu_t$t" 150 "$ncu" --clock-control none -k regex:mosaic --launch-skip 2 --launch-count 2 \
+                    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+                    --section SchedulerStats --section WarpStateStats --section SourceCounters --print-details all \
+                    python benchmarks/ncu_experts.py --tokens "$t"
+             done ;;
     kernels) step kernels 300 python benchmarks/moe_kernels.py --sections ceilings,grouped,fused,actquant \
                               --tokens 1,8,64,8192 --out "$out" ;;
-    *) echo "unknown step $s (sinkhorn shard tests decode decode_ab decode_cb profile kernels)" >&2; exit 2 ;;
+    *) echo "unknown step $s (sinkhorn shard tests decode decode_ab decode_cb profile ncu kernels)" >&2; exit 2 ;;
   esac
 done
