@@ -40,9 +40,9 @@ for s in "${steps[@]}"; do
                   --repeats 2 --json "$out/model_decode_nvfp4.json"
              step decode_bf16 80 python benchmarks/model_decode.py --formats bf16 --batches 1 --steps 8 \
                   --repeats 1 --json "$out/model_decode_bf16.json" ;;
-    decode_ab)  # same-process A/Bs of the decode step: mHC Sinkhorn form, compressor pooling skipped or not
+    decode_ab)  # same-process A/B of the decode step: the mHC Sinkhorn forms
              step decode_ab 300 python benchmarks/model_decode.py --formats nvfp4 --batches 1,8 --steps 32 \
-                  --repeats 3 --variants sinkhorn_xla,sinkhorn_kernel,skip_idle_pooling \
+                  --repeats 3 --variants sinkhorn_xla,sinkhorn_kernel \
                   --json "$out/model_decode_ab.json" ;;
     decode_cb)  # the same loop with the whole while loop captured as CUDA graphs (launch overhead per step)
              step decode_cb 120 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \

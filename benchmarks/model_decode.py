@@ -149,14 +149,12 @@ def copy_bandwidth(sustained: bool = False) -> float:
 
 
 def _set_variant(variant: str):
-    """Select the code variant for the programs traced next (both switches are read at trace time)."""
-    from megamoe_jax.model import compressor
-    if variant not in ("default", "sinkhorn_xla", "sinkhorn_kernel", "skip_idle_pooling"):
+    """Select the code variant for the programs traced next (dispatch.sinkhorn reads it at trace time)."""
+    if variant not in ("default", "sinkhorn_xla", "sinkhorn_kernel"):
         raise ValueError(f"unknown variant {variant!r}")
     os.environ.pop("MEGAMOE_SINKHORN_KERNEL", None)
-    if variant.startswith("sinkhorn_"):
+    if variant != "default":
         os.environ["MEGAMOE_SINKHORN_KERNEL"] = "1" if variant == "sinkhorn_kernel" else "0"
-    compressor.SKIP_IDLE_POOLING = variant == "skip_idle_pooling"
     jax.clear_caches()   # the decode loop is jitted on the model: force a fresh trace
 
 
@@ -214,9 +212,10 @@ def main():
     ap.add_argument("--preset", default="flash", choices=["flash", "tiny"])
     ap.add_argument("--variants", default="default",
                     help="comma list of code variants to time in this process: default, sinkhorn_xla, "
-                         "sinkhorn_kernel (mHC Sinkhorn forced), skip_idle_pooling (compressors skip the pooling "
-                         "on decode steps that complete no window)")
+                         "sinkhorn_kernel (the mHC Sinkhorn form forced on every call)")
     args = ap.parse_args()
+    if 0 < args.marginal_steps <= args.steps:
+        ap.error(f"--marginal-steps must exceed --steps ({args.steps}), got {args.marginal_steps}")
 
     cfg = slice_config(args.layers, args.preset)
     dev = jax.devices()[0]
@@ -251,7 +250,7 @@ def main():
                                     pct_marginal_of_sustained_floor=100 * need / bw_sustained / marginal[0])
                 print(rows[-1], flush=True)
         del model
-    by = {(r["format"], r["batch"]): r for r in rows if "error" not in r}
+    by = {(r["format"], r["variant"], r["batch"]): r for r in rows if "error" not in r}
     print(f"copy: {bw / 1e12:.2f} TB/s per call (floor ms, % of floor), {bw_sustained / 1e12:.2f} TB/s sustained")
     print(f"\n{dev.device_kind}, {datetime.date.today()}, {cfg.num_hidden_layers} layers, context {args.context}")
     print("| format | variant | batch | step ms | tokens/s | bytes GB | floor ms | % of floor | % sustained "
@@ -261,7 +260,7 @@ def main():
         if "error" in r:
             print(f"| {r['format']} | {r['variant']} | {r['batch']} | {r['error']} |")
             continue
-        base = by.get(("bf16", r["batch"]))
+        base = by.get(("bf16", r["variant"], r["batch"]))
         speed = f"{base['step_ms'] / r['step_ms']:.2f}x" if base else "-"
         print(f"| {r['format']} | {r['variant']} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.0f} | "
               f"{r['bytes_gb']:.2f} | {r['floor_ms']:.3f} | {r['pct_of_floor']:.1f}% | "

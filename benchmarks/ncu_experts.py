@@ -8,8 +8,8 @@ times so that ncu can read the Mosaic GPU kernels' hardware counters:
 
 (the first call compiles and warms up; `--launch-skip 2` skips its two kernels, the next two are gate/up and down).
 
-`--time` instead prints the CUPTI GPU time of the whole call and of each Mosaic GPU kernel for every `--tokens`
-value, against the floor (touched expert bytes over --copy-tb-s), e.g. to compare MEGAMOE_NVFP4_DECODE=shift|imad.
+`--time` instead prints the CUPTI GPU time of the whole call and of each Mosaic GPU kernel for every
+`--tokens-list` value, against the floor (touched expert bytes over --copy-tb-s).
 """
 from __future__ import annotations
 
@@ -48,7 +48,6 @@ def main():
 
 
 def time_tokens(tokens, copy_tb_s):
-    import os
     import statistics
     from jax.experimental.mosaic.gpu import profiler
     e, d, i, k = 256, 4096, 2048, 6
@@ -56,9 +55,8 @@ def time_tokens(tokens, copy_tb_s):
     w1, w3, w2 = (random_nvfp4(keys[0], (e, i, d)), random_nvfp4(keys[1], (e, i, d)),
                   random_nvfp4(keys[2], (e, d, i)))
     f = jax.jit(lambda x, a, b, c, idx, w: fused_moe.moe_experts(x, a, b, c, idx, w, 10.0))
-    method = os.environ.get("MEGAMOE_NVFP4_DECODE", "imad")
-    print(f"| decode | T | experts | call ms | kernels ms (gate/up, down) | floor ms | call / floor |")
-    print("|---|---|---|---|---|---|---|")
+    print("| T | experts | call ms | kernels ms (gate/up, down) | floor ms | call / floor |")
+    print("|---|---|---|---|---|---|")
     for t in tokens:
         rng = np.random.default_rng(t)
         idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]), jnp.int32)
@@ -72,7 +70,7 @@ def time_tokens(tokens, copy_tb_s):
         ks = [ms for name, ms in kern if "mosaic" in name.lower()]
         floor = touched * 3 * d * i * 0.5625 / (copy_tb_s * 1e12) * 1e3
         call = statistics.median(calls)
-        print(f"| {method} | {t} | {touched} | {call:.4f} | {', '.join(f'{v:.4f}' for v in ks)} | {floor:.4f} | "
+        print(f"| {t} | {touched} | {call:.4f} | {', '.join(f'{v:.4f}' for v in ks)} | {floor:.4f} | "
               f"{call / floor:.2f}x |", flush=True)
 
 

@@ -77,7 +77,7 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
     y = gm._launch(h, [w2.packed], [w2.block_scale], [rs2], group_sizes, jnp.dtype(jnp.bfloat16),
                    cfg2, "linear", None, interpret)                                           # [M, D]
     y = y.astype(jnp.float32) * route_w[:, None]
-    inv = jnp.zeros_like(order).at[order].set(jnp.arange(m, dtype=order.dtype))       # order^-1 (a scatter, no sort)
+    inv = jnp.zeros_like(order).at[order].set(jnp.arange(m, dtype=order.dtype))   # order^-1: a scatter, no sort
     out = y[inv].reshape(t, k, d).sum(axis=1)
     return out.astype(out_dtype)
 

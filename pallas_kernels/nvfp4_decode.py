@@ -16,7 +16,6 @@ version used by GPU interpret mode on the CPU and by the tests.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +66,7 @@ def decode_jnp(packed: jax.Array, block_scale: jax.Array, variant: DecodeVariant
 # The packed tile [64, 256] (int4 view of the uint8 codes) is loaded in the WGMMA_UPCAST_4X layout: each thread
 # holds, for its rows r and r + 8, one 32-bit word per 32-column group t with the 8 consecutive codes
 # k = 32t + 8q .. 32t + 8q + 7 (q = lane % 4). Each word becomes four bf16x2 registers with 3 integer ops per
-# pair of codes (prmt + mul + and, `_pair_bits_imad`; the first version used prmt + 2 shifts + 2 ands + or), and
+# pair of codes (prmt + mul + and, `_pair_bits`), and
 # all 8 codes share one block scale, so the scale multiply is four `mul.bf16x2` by one broadcast register.
 #
 # The four registers are placed where the WGMMA register layout keeps 8-column tiles 4t..4t+3 of the thread's
@@ -160,42 +159,19 @@ def decode_tile_mgpu(w_ref, s_ref, variant: DecodeVariant, natural_k: bool = Fal
 
     v2bf16 = ir.VectorType.get((2,), bf16)
     out = np.empty((1, 32, 1, 1, 2, 1, 1, 1, 1), dtype=object)
-    pair = _pair_bits_imad if decode_method() == "imad" else _pair_bits_shift
     for t in range(8):
         for h in range(2):
-            bits = pair(word(t, h), c32, arith, utils)
+            bits = _pair_bits(word(t, h), c32, arith, utils)
             for j in range(4):
                 v = utils.bitcast(bits[j], v2bf16)                       # value * 2^-126 (bf16 pair)
                 out[0, 4 * t + j, 0, 0, h, 0, 0, 0, 0] = arith.mulf(v, utils.bitcast(scales[(t, h, j)], v2bf16))
     return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
 
-def decode_method() -> str:
-    """How the kernel turns a word of 8 codes into 4 bf16 pairs: "imad" (default) or "shift" (the first version,
-    kept to compare against; MEGAMOE_NVFP4_DECODE=shift). Both give the same bits (tests/test_nvfp4_decode.py
-    checks the two formulas on emulated PTX for 2M words; tests/gpu checks every code and scale in the kernel)."""
-    m = os.environ.get("MEGAMOE_NVFP4_DECODE", "imad")
-    if m not in ("imad", "shift"):
-        raise ValueError(f"MEGAMOE_NVFP4_DECODE must be imad or shift, got {m!r}")
-    return m
-
-
-def _pair_bits_shift(w, c32, arith, utils):
-    """Codes 2j, 2j+1 of w -> the bf16x2 bit pattern (sign at bits 15/31, e1 e0 m at bits 8-6 / 24-22).
-    Per pair: prmt, 2 shifts, 2 ands, or (~6 instructions)."""
-    w4 = arith.shrui(w, c32(4))
-    out = []
-    for j in range(4):
-        cw = utils.prmt(w, w4, c32(j | ((4 + j) << 8)))        # code 2j at bits 0-3, 2j+1 at 16-19 (junk above)
-        mag = arith.andi(arith.shli(cw, c32(6)), c32(0x01C001C0))
-        sign = arith.andi(arith.shli(cw, c32(12)), c32(0x80008000))
-        out.append(arith.ori(mag, sign))
-    return out
-
-
-def _pair_bits_imad(w, c32, arith, utils):
-    """The same bits with one multiply in place of the two shifts: per pair prmt, mul, and (3 instructions, plus
-    3 per word to split the nibbles).
+def _pair_bits(w, c32, arith, utils):
+    """Codes 2j, 2j+1 of the word w -> register j's bf16x2 bit pattern (sign at bits 15/31, e1 e0 m at bits 8-6 /
+    24-22). Per pair prmt, mul, and (3 instructions, plus 3 per word to split the nibbles); the first version
+    used prmt + 2 shifts + 2 ands + or and was 3-6% slower (benchmarks/RESULTS.md, 2026-12-02).
 
     lo/hi hold the even/odd codes of w, one per byte (high nibbles zero). The prmt builds cw = code 2j in bits
     0-3 and code 2j+1 in bits 16-19, everything else zero (selector nibble 8 replicates the top bit of a byte of

@@ -288,37 +288,6 @@ def test_batch_rows_at_different_positions_equal_single_runs(ratio):
         assert relerr(np.concatenate(got[r], 0), want) < RTOL, f"row {r}"
 
 
-@pytest.mark.parametrize("ratio", [4, 16])
-def test_decode_skipping_idle_pooling_changes_nothing(ratio, monkeypatch):
-    # Decode steps skip the compressor's pooling when no row completes a window (a lax.cond); the outputs and
-    # every state leaf must equal computing it on every step, with rows at different positions and a row with
-    # no token (lengths 0) on some steps.
-    from megamoe_jax.model import compressor
-    cfg, _, layer = setup(ratio)
-    x = inputs(cfg, 3 * ratio + 3, b=2, seed=21)
-    lengths = [(1, 1) if t % 5 else (1, 0) for t in range(x.shape[1] - 2)]
-
-    def decode_all(skip):
-        monkeypatch.setattr(compressor, "SKIP_IDLE_POOLING", skip)
-        step = nnx.jit(lambda lyr, xx, st, sp, ln: lyr(xx, st, sp, ln))     # traced under this setting
-        state = layer.init_state(2, MAX_LEN, jnp.float32)
-        starts = np.array([0, 2])
-        outs = []
-        for ln in lengths:
-            xt = jnp.asarray(np.stack([x[r, starts[r]:starts[r] + 1] for r in range(2)]))
-            o, state = step(layer, xt, state, jnp.asarray(starts, jnp.int32), jnp.asarray(ln, jnp.int32))
-            outs.append(np.asarray(o))
-            starts += np.asarray(ln)
-        return outs, state
-
-    (o1, s1), (o0, s0) = decode_all(True), decode_all(False)
-    for a, b in zip(o1, o0):
-        np.testing.assert_array_equal(a, b)
-    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s0)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert np.abs(np.asarray(s1.compressed_kv)).sum() > 0          # entries were written on the way
-
-
 def test_transformers_left_padding_differs_from_per_row_semantics():
     # Recorded difference: transformers' compressors pool whatever tokens arrive, left padding included (the
     # padding shifts every window boundary), so a left-padded row of a compressed layer differs from its own

@@ -1,14 +1,13 @@
 """The Hopper kernel's code -> bf16 bit formulas (pallas_kernels/nvfp4_decode.py), run on emulated PTX.
 
-The formulas are the functions the kernel calls, given numpy stand-ins for the MLIR ops (`prmt` emulated from the
+The formula is the function the kernel calls, given numpy stand-ins for the MLIR ops (`prmt` emulated from the
 PTX ISA: bytes 0-3 from the first operand, 4-7 from the second, a selector nibble with bit 3 set replicates the
-top bit of the byte it selects). Both variants must give, for every code, the bf16 pattern value(code) * 2^-126
-in the lane the WGMMA layout expects (code 2j in the low half of register j, code 2j+1 in the high half), and
-the same bits as each other. The kernel itself is checked on every code and scale by tests/gpu."""
+top bit of the byte it selects). It must give, for every code, the bf16 pattern value(code) * 2^-126 in the lane
+the WGMMA layout expects (code 2j in the low half of register j, code 2j+1 in the high half). The kernel itself
+is checked on every code and scale by tests/gpu."""
 import types
 
 import numpy as np
-import pytest
 
 from pallas_kernels import nvfp4_decode as nd
 
@@ -27,9 +26,7 @@ def _prmt(a, b, c):
 
 _ARITH = types.SimpleNamespace(
     andi=lambda a, b: np.bitwise_and(a, b, dtype=np.uint32),
-    ori=lambda a, b: np.bitwise_or(a, b, dtype=np.uint32),
     shrui=lambda a, b: np.right_shift(a, b, dtype=np.uint32),
-    shli=lambda a, b: np.left_shift(a, b, dtype=np.uint32),
     muli=lambda a, b: ((a.astype(np.uint64) * np.uint64(b)) & np.uint64(0xFFFFFFFF)).astype(np.uint32))
 _UTILS = types.SimpleNamespace(prmt=_prmt)
 _C32 = np.uint32
@@ -53,10 +50,9 @@ def test_pair_bits_match_the_bf16_pattern_of_every_code():
                         np.arange(1 << 16, dtype=np.uint32), np.arange(1 << 16, dtype=np.uint32) << np.uint32(16),
                         np.array([0, 0xFFFFFFFF, 0x88888888, 0x77777777], np.uint32)])
     want = _expected(w)
-    for f in (nd._pair_bits_shift, nd._pair_bits_imad):
-        got = f(w, _C32, _ARITH, _UTILS)
-        for j in range(4):
-            np.testing.assert_array_equal(got[j], want[j], err_msg=f"{f.__name__}, register {j}")
+    got = nd._pair_bits(w, _C32, _ARITH, _UTILS)
+    for j in range(4):
+        np.testing.assert_array_equal(got[j], want[j], err_msg=f"register {j}")
 
 
 def test_bf16_pattern_is_value_times_2_to_minus_126():
@@ -67,9 +63,3 @@ def test_bf16_pattern_is_value_times_2_to_minus_126():
     as_f32 = (bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
     want = np.asarray(nd.e2m1_value(codes.astype(np.int32)), np.float64) * 2.0 ** -126
     np.testing.assert_array_equal(as_f32, want)
-
-
-def test_decode_method_is_checked(monkeypatch):
-    monkeypatch.setenv("MEGAMOE_NVFP4_DECODE", "fast")
-    with pytest.raises(ValueError, match="imad or shift"):
-        nd.decode_method()

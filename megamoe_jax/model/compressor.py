@@ -34,11 +34,6 @@ from pallas_kernels import dispatch
 from pallas_kernels.reference import is_quantized
 
 CSA_RATIO = 4   # [R]: overlap (and the indexer) <=> compress ratio 4
-# True: decode steps skip the pooling when no window completes (a lax.cond, see Compressor.__call__; the same
-# results). Off by default: on an H200 (2026-12-02, same process) it made the V4-Flash decode step 2.8% slower at
-# batch 1 and 2.0% faster at batch 8 (the conditional node costs about what the skipped kernels save);
-# benchmarks/model_decode.py --variants default,skip_idle_pooling times both.
-SKIP_IDLE_POOLING = False
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -149,38 +144,28 @@ class Compressor(nnx.Module):
         ext_kv = jnp.where(valid[..., None], ext_kv, 0.0)                               # [B, U, coff*d]
         ext_sc = jnp.where(valid[..., None], ext_sc, 0.0)
 
-        entry = start_pos[:, None] // m + jnp.arange(n_emit, dtype=start_pos.dtype)     # [B, n_emit]
-        done = (entry + 1) * m <= end[:, None]
-
-        def emit(entries):
-            """Pool, normalise, rope and store the candidate entries of the windows that complete."""
-            # Candidates of the n_emit entries that may complete: entry i = start // m + j uses extended window
-            # ov + j (its own tokens) and, with overlap, window j (the previous one).
-            wkv = ext_kv.reshape(b, n_emit + coff, m, coff * d)
-            wsc = ext_sc.reshape(b, n_emit + coff, m, coff * d)
-            wok = valid.reshape(b, n_emit + coff, m, 1)
-            if self.overlap:
-                cand_kv = jnp.concatenate([wkv[:, :n_emit, :, :d], wkv[:, 1:1 + n_emit, :, d:]], axis=2)
-                cand_sc = jnp.concatenate([wsc[:, :n_emit, :, :d], wsc[:, 1:1 + n_emit, :, d:]], axis=2)
-                cand_ok = jnp.concatenate([wok[:, :n_emit], wok[:, 1:1 + n_emit]], axis=2)  # [B, n_emit, 2m, 1]
-            else:
-                cand_kv, cand_sc, cand_ok = wkv[:, :n_emit], wsc[:, :n_emit], wok[:, :n_emit]
-            weights = _masked_softmax(cand_sc, cand_ok, axis=2)
-            comp = jnp.sum(weights * cand_kv, axis=2)                                   # [B, n_emit, d] f32
-            dtype = entries.dtype
-            comp = rms_norm(comp.astype(dtype), self.norm.get_value(), self.eps)
-            comp = apply_rope(comp, entry * m, freqs)
-            slot = jnp.where(done, entry, entries.shape[1])   # out of range -> dropped
-            rows_b = jnp.broadcast_to(jnp.arange(b)[:, None], slot.shape)
-            return entries.at[rows_b, slot].set(comp.astype(dtype), mode="drop")
-
-        if t == 1 and SKIP_IDLE_POOLING:
-            # A decode step completes a window only every m-th token: skip the pooling (about ten small
-            # kernels per compressor) on the other steps. The result is the same: entries that are not done
-            # are dropped anyway. On a GPU the branch is a conditional node of the step's CUDA graph.
-            entries = jax.lax.cond(jnp.any(done), emit, lambda e: e, state.entries)
+        # Candidates of the n_emit entries that may complete: entry i = start // m + j uses extended window
+        # ov + j (its own tokens) and, with overlap, window j (the previous one).
+        wkv = ext_kv.reshape(b, n_emit + coff, m, coff * d)
+        wsc = ext_sc.reshape(b, n_emit + coff, m, coff * d)
+        wok = valid.reshape(b, n_emit + coff, m, 1)
+        if self.overlap:
+            cand_kv = jnp.concatenate([wkv[:, :n_emit, :, :d], wkv[:, 1:1 + n_emit, :, d:]], axis=2)
+            cand_sc = jnp.concatenate([wsc[:, :n_emit, :, :d], wsc[:, 1:1 + n_emit, :, d:]], axis=2)
+            cand_ok = jnp.concatenate([wok[:, :n_emit], wok[:, 1:1 + n_emit]], axis=2)  # [B, n_emit, 2m, 1]
         else:
-            entries = emit(state.entries)
+            cand_kv, cand_sc, cand_ok = wkv[:, :n_emit], wsc[:, :n_emit], wok[:, :n_emit]
+        weights = _masked_softmax(cand_sc, cand_ok, axis=2)
+        comp = jnp.sum(weights * cand_kv, axis=2)                                       # [B, n_emit, d] f32
+        dtype = state.entries.dtype
+        comp = rms_norm(comp.astype(dtype), self.norm.get_value(), self.eps)
+        entry = start_pos[:, None] // m + jnp.arange(n_emit, dtype=start_pos.dtype)     # [B, n_emit]
+        comp = apply_rope(comp, entry * m, freqs)
+        done = (entry + 1) * m <= end[:, None]
+        n_entries = state.entries.shape[1]
+        slot = jnp.where(done, entry, n_entries)          # out of range -> dropped
+        rows_b = jnp.broadcast_to(jnp.arange(b)[:, None], slot.shape)
+        entries = state.entries.at[rows_b, slot].set(comp.astype(dtype), mode="drop")
 
         # Next state: rows of positions new_base .. new_base + rows - 1 (invalid positions are already zero).
         shift = (end // m - start_pos // m) * m                                         # [B]
