@@ -2,7 +2,7 @@
 # Everything the GPU machine is needed for, in one call, most important first; each step is bounded so a slow
 # one cannot eat the rest, and each step's log lands in $OUT (or ./out) for RESULTS.md.
 #
-#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests decode decode_ab decode_cb profile ncu kernels
+#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests fused experts decode decode_b1 decode_ab decode_cb profile ncu kernels
 #
 # One device call may run 600 s and each step is bounded, so e.g. `decode shard` (~500 s) and `tests kernels`
 # (~600 s) fit one call each. decode_cb is kept for the record: XLA command buffers made the step slower.
@@ -40,6 +40,13 @@ for s in "${steps[@]}"; do
                   --repeats 2 --json "$out/model_decode_nvfp4.json"
              step decode_bf16 80 python benchmarks/model_decode.py --formats bf16 --batches 1 --steps 8 \
                   --repeats 1 --json "$out/model_decode_bf16.json" ;;
+    fused)   step fused 200 python -m pytest -q -p no:cacheprovider tests/gpu/test_kernels_fused.py --tb=short ;;
+    experts) # one layer's routed experts at decode sizes (CUPTI): one-row items (8- and 16-row tiles) vs sorted rows
+             step experts 150 python benchmarks/ncu_experts.py --time --tokens-list 1,2,8 \
+                  --variants default,rows16,sorted ;;
+    decode_b1)  # batch 1 only, same-process A/B of the routed rows (unsorted one-row items vs sorted), marginal step
+             step decode_b1 200 python benchmarks/model_decode.py --formats nvfp4 --batches 1 --steps 32 \
+                  --marginal-steps 128 --repeats 2 --variants default,sorted_moe --json "$out/model_decode_b1.json" ;;
     decode_ab)  # same-process A/B of the decode step: the mHC Sinkhorn forms
              step decode_ab 300 python benchmarks/model_decode.py --formats nvfp4 --batches 1,8 --steps 32 \
                   --repeats 3 --variants sinkhorn_xla,sinkhorn_kernel \
@@ -52,7 +59,7 @@ for s in "${steps[@]}"; do
                   --hlo "$out/decode_step.hlo" ;;
     ncu)     # Nsight Compute on one layer's routed experts at T = 1 and 64: throughput, occupancy, stall reasons
              ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-             for t in 1 64; do
+             for t in ${NCU_TOKENS:-1 64}; do
                step "ncu_t$t" 150 "$ncu" --clock-control none -k regex:mosaic --launch-skip 2 --launch-count 2 \
                     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
                     --section SchedulerStats --section WarpStateStats --section SourceCounters --print-details all \
@@ -60,6 +67,6 @@ for s in "${steps[@]}"; do
              done ;;
     kernels) step kernels 300 python benchmarks/moe_kernels.py --sections ceilings,grouped,fused,actquant \
                               --tokens 1,8,64,8192 --out "$out" ;;
-    *) echo "unknown step $s (sinkhorn shard tests decode decode_ab decode_cb profile ncu kernels)" >&2; exit 2 ;;
+    *) echo "unknown step $s (sinkhorn shard tests fused experts decode decode_b1 decode_ab decode_cb profile ncu kernels)" >&2; exit 2 ;;
   esac
 done

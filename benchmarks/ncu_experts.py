@@ -29,10 +29,14 @@ def main():
     ap.add_argument("--tokens-list", default=None, help="with --time: comma list of token counts")
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--time", action="store_true")
+    ap.add_argument("--variants", default="default",
+                    help="with --time: comma list of default, sorted (rows sorted by expert), rows16 (one-row "
+                         "items in 16-row tiles)")
     ap.add_argument("--copy-tb-s", type=float, default=3.29, help="copy rate for the floor (measured, sustained)")
     args = ap.parse_args()
     if args.time:
-        return time_tokens([int(t) for t in str(args.tokens_list or args.tokens).split(",")], args.copy_tb_s)
+        return time_tokens([int(t) for t in str(args.tokens_list or args.tokens).split(",")], args.copy_tb_s,
+                           args.variants.split(","))
     e, d, i, k = 256, 4096, 2048, 6
     keys = jax.random.split(jax.random.key(0), 4)
     w1, w3, w2 = (random_nvfp4(keys[0], (e, i, d)), random_nvfp4(keys[1], (e, i, d)),
@@ -47,17 +51,28 @@ def main():
     print("out", out.shape, float(jnp.abs(out.astype(jnp.float32)).mean()))
 
 
-def time_tokens(tokens, copy_tb_s):
+def _set_variant(variant):
+    if variant not in ("default", "sorted", "rows16"):
+        raise ValueError(f"unknown variant {variant!r}")
+    fused_moe.ROWS_MODE_MAX_ROWS = 0 if variant == "sorted" else _DEFAULTS[0]
+    fused_moe.ROWS_TILE_M = 16 if variant == "rows16" else _DEFAULTS[1]
+
+
+_DEFAULTS = (fused_moe.ROWS_MODE_MAX_ROWS, fused_moe.ROWS_TILE_M)
+
+
+def time_tokens(tokens, copy_tb_s, variants=("default",)):
     import statistics
     from jax.experimental.mosaic.gpu import profiler
     e, d, i, k = 256, 4096, 2048, 6
     keys = jax.random.split(jax.random.key(0), 4)
     w1, w3, w2 = (random_nvfp4(keys[0], (e, i, d)), random_nvfp4(keys[1], (e, i, d)),
                   random_nvfp4(keys[2], (e, d, i)))
-    f = jax.jit(lambda x, a, b, c, idx, w: fused_moe.moe_experts(x, a, b, c, idx, w, 10.0))
-    print("| T | experts | call ms | kernels ms (gate/up, down) | floor ms | call / floor |")
-    print("|---|---|---|---|---|---|")
-    for t in tokens:
+    print("| variant | T | experts | call ms | kernels ms (gate/up, down) | floor ms | call / floor |")
+    print("|---|---|---|---|---|---|---|")
+    for variant, t in [(v, t) for t in tokens for v in variants]:
+        _set_variant(variant)
+        f = jax.jit(lambda x, a, b, c, idx, w: fused_moe.moe_experts(x, a, b, c, idx, w, 10.0))
         rng = np.random.default_rng(t)
         idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]), jnp.int32)
         touched = len(np.unique(np.asarray(idx)))
@@ -70,7 +85,7 @@ def time_tokens(tokens, copy_tb_s):
         ks = [ms for name, ms in kern if "mosaic" in name.lower()]
         floor = touched * 3 * d * i * 0.5625 / (copy_tb_s * 1e12) * 1e3
         call = statistics.median(calls)
-        print(f"| {t} | {touched} | {call:.4f} | {', '.join(f'{v:.4f}' for v in ks)} | {floor:.4f} | "
+        print(f"| {variant} | {t} | {touched} | {call:.4f} | {', '.join(f'{v:.4f}' for v in ks)} | {floor:.4f} | "
               f"{call / floor:.2f}x |", flush=True)
 
 

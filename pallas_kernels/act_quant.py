@@ -70,9 +70,11 @@ def quantize(x: jax.Array, global_scale: jax.Array, *, with_amax: bool = False, 
     return (packed, scale, amax) if with_amax else (packed, scale)
 
 
-def quantize_dequantize_grouped(x: jax.Array, input_scale: jax.Array, group_sizes: jax.Array,
-                                interpret: bool = False, multiplier=None) -> jax.Array:
+def quantize_dequantize_grouped(x: jax.Array, input_scale: jax.Array, group_sizes: jax.Array | None,
+                                interpret: bool = False, multiplier=None, gid: jax.Array | None = None) -> jax.Array:
     """W4A4 activation for a grouped matmul: rows of x [M, K] quantized with g_a of their group ([E] or ()).
+
+    The group of each row comes from sorted `group_sizes`, or from `gid` [M] (rows in any order) when given.
 
     Returns bf16 value(code) * s_b (exact), i.e. the dequantized activation divided by g_a; the matmul applies
     g_a in its epilogue. Rows past sum(group_sizes) use the last group's scale (their output is zero anyway).
@@ -81,8 +83,11 @@ def quantize_dequantize_grouped(x: jax.Array, input_scale: jax.Array, group_size
     _check_x(x, "act_quant.quantize_dequantize_grouped")
     m = x.shape[0]
     G = _multiplier(input_scale, multiplier).reshape(-1)                          # [E] or [1]
-    gid = None
-    if G.shape[0] > 1:
+    if G.shape[0] == 1:
+        gid = None
+    elif gid is not None:
+        gid = jnp.clip(gid.astype(jnp.int32), 0, G.shape[0] - 1)
+    else:
         ends = jnp.cumsum(group_sizes)
         gid = jnp.minimum(jnp.searchsorted(ends, jnp.arange(m), side="right", method="compare_all"),
                           G.shape[0] - 1).astype(jnp.int32)

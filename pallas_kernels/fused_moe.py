@@ -18,6 +18,8 @@ Only the weights of experts that received tokens are read, once per 128-row N ti
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -44,10 +46,20 @@ def supported(x, w1, w3, w2) -> str | None:
     return None
 
 
+# Up to this many (token, slot) rows go to the kernels unsorted, one work item per row (grouped_matmul.row_work_list):
+# the k experts of one token are distinct, so nothing is streamed twice, and the sort, the gathers in sorted order
+# and the un-sort (about ten small launches per layer) disappear. With more tokens experts repeat and sorting wins
+# (T = 8: 48 rows on ~42 experts would stream 14% more weights).
+ROWS_MODE_MAX_ROWS = 16
+ROWS_TILE_M = 8       # one-row items need only wgmma's narrowest N (benchmarks/ncu_experts.py --variants)
+
+
 def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.Array,
                 swiglu_limit: float | None, *, out_dtype=None, config: gm.Config | None = None,
-                interpret: bool = False) -> jax.Array:
-    """x [T, D]; w1, w3 NVFP4 [E, I, D]; w2 NVFP4 [E, D, I]; topk_idx [T, k] int; topk_weight [T, k] -> [T, D]."""
+                rows_mode: bool | None = None, interpret: bool = False) -> jax.Array:
+    """x [T, D]; w1, w3 NVFP4 [E, I, D]; w2 NVFP4 [E, D, I]; topk_idx [T, k] int; topk_weight [T, k] -> [T, D].
+
+    rows_mode None picks unsorted rows for T*k <= ROWS_MODE_MAX_ROWS (decode of one token), sorted otherwise."""
     if (why := supported(x, w1, w3, w2)) is not None:
         raise ValueError(f"fused_moe.moe_experts: {why}")
     if topk_idx.shape != topk_weight.shape or topk_idx.ndim != 2 or topk_idx.shape[0] != x.shape[0]:
@@ -56,30 +68,50 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
     t, k = topk_idx.shape
     e, inter, d = w1.shape
     m = t * k
-    order, group_sizes = _reference.route_sort(topk_idx, e)
-    token_of_row = order // k
-    route_w = topk_weight.reshape(-1)[order].astype(jnp.float32)                    # [M]
+    if rows_mode is None:
+        rows_mode = m <= ROWS_MODE_MAX_ROWS
+    if rows_mode:     # row r = (token r // k, slot r % k), in that order
+        row_group = jnp.clip(topk_idx.reshape(-1).astype(jnp.int32), 0, e - 1)
+        group_sizes = None
+        token_of_row = jnp.arange(m, dtype=jnp.int32) // k
+        route_w = topk_weight.reshape(-1).astype(jnp.float32)                     # [M]
+        gid = row_group
+    else:
+        row_group = None
+        order, group_sizes = _reference.route_sort(topk_idx, e)
+        token_of_row = order // k
+        route_w = topk_weight.reshape(-1)[order].astype(jnp.float32)                # [M]
+        gid = None
 
     xs = x[token_of_row].astype(jnp.bfloat16)                                         # [M, D]
     if w1.input_scale is not None:
         g13, m13 = _shared_input_scale(w1, w3)
-        xs = act_quant.quantize_dequantize_grouped(xs, g13, group_sizes, multiplier=m13)
+        xs = act_quant.quantize_dequantize_grouped(xs, g13, group_sizes, multiplier=m13, gid=gid)
     rs1 = gm.epilogue_row_scale(w1.global_scale, e, inter, w1.input_scale)
     rs3 = gm.epilogue_row_scale(w3.global_scale, e, inter, w3.input_scale)
-    cfg1 = config or gm.default_config(m, e, num_weights=2)
+    n_groups = m if rows_mode else e
+    cfg1 = config or _rows_tile(gm.default_config(m, n_groups, num_weights=2), rows_mode)
     h = gm._launch(xs, [w1.packed, w3.packed], [w1.block_scale, w3.block_scale], [rs1, rs3], group_sizes,
-                   jnp.dtype(x.dtype), cfg1, "swiglu", swiglu_limit, interpret)              # [M, I]
+                   jnp.dtype(x.dtype), cfg1, "swiglu", swiglu_limit, interpret, row_group=row_group)  # [M, I]
 
     if w2.input_scale is not None:
-        h = act_quant.quantize_dequantize_grouped(h, w2.input_scale, group_sizes, multiplier=w2.input_multiplier)
+        h = act_quant.quantize_dequantize_grouped(h, w2.input_scale, group_sizes, multiplier=w2.input_multiplier,
+                                                  gid=gid)
     rs2 = gm.epilogue_row_scale(w2.global_scale, e, d, w2.input_scale)
-    cfg2 = config or gm.default_config(m, e)
+    cfg2 = config or _rows_tile(gm.default_config(m, n_groups), rows_mode)
     y = gm._launch(h, [w2.packed], [w2.block_scale], [rs2], group_sizes, jnp.dtype(jnp.bfloat16),
-                   cfg2, "linear", None, interpret)                                           # [M, D]
+                   cfg2, "linear", None, interpret, row_group=row_group)                # [M, D]
     y = y.astype(jnp.float32) * route_w[:, None]
-    inv = jnp.zeros_like(order).at[order].set(jnp.arange(m, dtype=order.dtype))   # order^-1: a scatter, no sort
-    out = y[inv].reshape(t, k, d).sum(axis=1)
+    if not rows_mode:
+        inv = jnp.zeros_like(order).at[order].set(jnp.arange(m, dtype=order.dtype))  # order^-1: a scatter
+        y = y[inv]
+    out = y.reshape(t, k, d).sum(axis=1)
     return out.astype(out_dtype)
+
+
+def _rows_tile(cfg: gm.Config, rows_mode: bool) -> gm.Config:
+    """One-row work items: activation tiles of ROWS_TILE_M rows (default 8, wgmma's narrowest N)."""
+    return dataclasses.replace(cfg, tile_m=ROWS_TILE_M) if rows_mode else cfg
 
 
 def _shared_input_scale(w1, w3):

@@ -134,6 +134,25 @@ def build_work_list(group_sizes: jax.Array, m: int, tile_m: int):
     return items, count.astype(jnp.int32)[None]
 
 
+def row_work_list(row_group: jax.Array, m: int, tile_m: int):
+    """One work item per row, rows in any order: item r = (row_group[r], 8 * (r // 8), r % 8, 1).
+
+    For a handful of rows whose groups are (mostly) distinct, e.g. the k experts of one decode token, this skips
+    sorting the rows by group and un-sorting the result (about ten small XLA launches per MoE layer). Rows of the
+    same group in different items each stream that group's weights, so sorted groups are better once groups
+    repeat. Same (items [4, I], count [1]) contract as `build_work_list`; I = max_items(m, m, tile_m) >= m.
+    """
+    if row_group.shape != (m,):
+        raise ValueError(f"row_group must be [{m}], got {list(row_group.shape)}")
+    n = max_items(m, m, tile_m)
+    r = jnp.arange(n, dtype=jnp.int32)
+    valid = r < m
+    group = jnp.pad(row_group.astype(jnp.int32), (0, n - m), constant_values=-1)
+    items = jnp.stack([group, jnp.where(valid, r // 8 * 8, 0), jnp.where(valid, r % 8, 0),
+                       valid.astype(jnp.int32)])
+    return items, jnp.full((1,), m, jnp.int32)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The kernel
 
@@ -146,6 +165,7 @@ class _Dims:
     num_weights: int
     row_scale_per_row: bool
     out_dtype: jnp.dtype
+    n_items: int    # width of the work list (static bound on items)
 
 
 def _transforms(dtype, swizzle=128):
@@ -167,7 +187,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
     k_iters = dims.k // tk
     stages = min(stages, k_iters)       # every slot is used by every item (barrier phase bookkeeping relies on it)
     n_tiles = dims.n // _CTA_ROWS
-    n_items = max_items(dims.m, dims.e, tm)
+    n_items = dims.n_items
     epi_fold = variant.epilogue_fold
     limit = float(swiglu_limit) if (swiglu_limit is not None and swiglu_limit > 0) else None
 
@@ -488,8 +508,10 @@ def grouped_matmul(x: jax.Array, packed: jax.Array, block_scale: jax.Array, glob
 
 
 def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, epilogue, swiglu_limit,
-            interpret):
-    """Run the kernel: x [M, K] (natural column order), 1 or 2 NVFP4 weights [E, N, K] -> [M, N]."""
+            interpret, row_group=None):
+    """Run the kernel: x [M, K] (natural column order), 1 or 2 NVFP4 weights [E, N, K] -> [M, N].
+
+    Rows sorted by group (`group_sizes`), or, with row_group [M] given, in any order (`row_work_list`)."""
     m, k = x.shape
     e, n, _ = packs[0].shape
     tm = cfg.tile_m
@@ -500,11 +522,13 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
     xp = x if mp == m else jnp.pad(x, ((0, mp - m), (0, 0)))
     if not cfg.natural_k:   # the decoded weight operand has K permuted in 32-column groups; permute x to match
         xp = nvfp4_decode.permute_k(xp)
-    items, count = build_work_list(group_sizes, m, tm)
+    items, count = (build_work_list(group_sizes, m, tm) if row_group is None else
+                    row_work_list(row_group, m, tm))
     per_row = any(r.shape[1] != 1 for r in row_scales)
     if per_row:
         row_scales = [jnp.broadcast_to(r, (e, n)) for r in row_scales]
-    dims = _Dims(m=m, k=k, n=n, e=e, num_weights=len(packs), row_scale_per_row=per_row, out_dtype=out_dtype)
+    dims = _Dims(m=m, k=k, n=n, e=e, num_weights=len(packs), row_scale_per_row=per_row, out_dtype=out_dtype,
+                 n_items=items.shape[1])
     body, scratch = _build_kernel(dims, cfg, epilogue, swiglu_limit, interpret)
     args = [items, count, xp, *packs, *scales, *row_scales]
     kernel = plgpu.kernel(

@@ -47,3 +47,24 @@ def test_dense_nvfp4_linear_through_dispatch():
     mag = np.asarray(jnp.einsum("...k,nk->...n", jnp.abs(x.astype(jnp.float32)), jnp.abs(w.dequantize()),
                                 precision=hi))
     assert (np.abs(out - ref) <= 2.0 ** -8 * np.abs(ref) + 1e-5 * mag).all()
+
+
+@pytest.mark.parametrize("t,rows_mode", [(1, False), (2, True), (4, True), (1, True)])
+@pytest.mark.parametrize("w4a4", [False, True])
+def test_fused_moe_row_items_and_sorted_agree(t, rows_mode, w4a4):
+    """Unsorted one-row work items (the default for T*k <= 16) and sorted groups, at V4-Flash widths, with tokens
+    sharing experts (each expert of token 0 reappears in later tokens)."""
+    e, d, i, k = 32, 4096, 2048, 4
+    w1, w3, w2 = _experts(jax.random.PRNGKey(10 + t), e, d, i, w4a4)
+    rng = np.random.default_rng(t)
+    idx = np.stack([rng.choice(e, k, replace=False) for _ in range(t)])
+    idx[1:, 0] = idx[0, 1]                                                   # shared experts across tokens
+    idx = jnp.asarray(idx, jnp.int32)
+    tw = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(3), (t, k)), -1)
+    x = jax.random.normal(jax.random.PRNGKey(4), (t, d)).astype(jnp.bfloat16)
+    buf = jnp.full((t * k, d), jnp.nan, jnp.bfloat16); buf.block_until_ready(); buf.delete()
+    out = np.asarray(jax.jit(lambda *a: fused_moe.moe_experts(*a, 7.0, rows_mode=rows_mode))(
+        x, w1, w3, w2, idx, tw).astype(jnp.float32))
+    ref = np.asarray(fused_moe.reference(x, w1, w3, w2, idx, tw, 7.0, out_dtype=jnp.float32))
+    assert np.isfinite(out).all()
+    assert np.abs(out - ref).max() <= 2.0 ** -6 * np.abs(ref).max()
