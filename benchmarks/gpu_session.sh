@@ -2,7 +2,7 @@
 # Everything the GPU machine is needed for, in one call, most important first; each step is bounded so a slow
 # one cannot eat the rest, and each step's log lands in $OUT (or ./out) for RESULTS.md.
 #
-#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests fused experts decode decode_b1 decode_ab decode_cb profile ncu kernels
+#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests fused experts decode decode_b1 decode_ab decode_cb profile ncu ncu_sass nsys kernels
 #
 # One device call may run 600 s and each step is bounded, so e.g. `decode shard` (~500 s) and `tests kernels`
 # (~600 s) fit one call each. decode_cb is kept for the record: XLA command buffers made the step slower.
@@ -46,7 +46,8 @@ for s in "${steps[@]}"; do
                   --variants default,rows16,sorted ;;
     decode_b1)  # batch 1 only, same-process A/B of the routed rows (unsorted one-row items vs sorted), marginal step
              step decode_b1 200 python benchmarks/model_decode.py --formats nvfp4 --batches 1 --steps 32 \
-                  --marginal-steps 128 --repeats 2 --variants default,sorted_moe --json "$out/model_decode_b1.json" ;;
+                  --marginal-steps "${MARGINAL:-128}" --repeats "${REPEATS:-2}" --variants "${VARIANTS:-default,sorted_moe}" \
+                  --json "$out/model_decode_b1.json" ;;
     decode_ab)  # same-process A/B of the decode step: the mHC Sinkhorn forms
              step decode_ab 300 python benchmarks/model_decode.py --formats nvfp4 --batches 1,8 --steps 32 \
                   --repeats 3 --variants sinkhorn_xla,sinkhorn_kernel \
@@ -65,8 +66,19 @@ for s in "${steps[@]}"; do
                     --section SchedulerStats --section WarpStateStats --section SourceCounters --print-details all \
                     python benchmarks/ncu_experts.py --tokens "$t"
              done ;;
+    ncu_sass)  # per-instruction warp-stall samples (SASS) of the gate/up kernel at T = 1: where the warps wait
+             ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+             step ncu_sass 150 "$ncu" --clock-control none -k regex:mosaic --launch-skip 2 --launch-count 1 \
+                  --section SourceCounters --section WarpStateStats --page source --print-source sass \
+                  python benchmarks/ncu_experts.py --tokens 1 ;;
+    nsys)    # host/API timeline of one batch-1 decode call: where the fixed cost per call goes
+             nsys=$(command -v nsys || ls /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda/bin/nsys 2>/dev/null | head -1)
+             echo "nsys: ${nsys:-none}"
+             [ -n "$nsys" ] && step nsys 200 "$nsys" profile -o "$out/decode_b1" --force-overwrite true \
+                  --trace cuda,nvtx --stats true python benchmarks/model_decode.py --formats nvfp4 --batches 1 \
+                  --steps 32 --repeats 2 --json "$out/model_decode_nsys.json" ;;
     kernels) step kernels 300 python benchmarks/moe_kernels.py --sections ceilings,grouped,fused,actquant \
                               --tokens 1,8,64,8192 --out "$out" ;;
-    *) echo "unknown step $s (sinkhorn shard tests fused experts decode decode_b1 decode_ab decode_cb profile ncu kernels)" >&2; exit 2 ;;
+    *) echo "unknown step $s (sinkhorn shard tests fused experts decode decode_b1 decode_ab decode_cb profile ncu ncu_sass nsys kernels)" >&2; exit 2 ;;
   esac
 done

@@ -149,18 +149,21 @@ def copy_bandwidth(sustained: bool = False) -> float:
 
 
 from pallas_kernels.fused_moe import ROWS_MODE_MAX_ROWS as _ROWS_MODE_DEFAULT
+from megamoe_jax.generate import DECODE_CHUNK as _CHUNK_DEFAULT
 
 
 def _set_variant(variant: str):
     """Select the code variant for the programs traced next (dispatch.sinkhorn and fused_moe read them at trace
     time). sorted_moe: the routed experts' rows always sorted by expert (no unsorted one-row work items)."""
+    from megamoe_jax import generate
     from pallas_kernels import fused_moe
-    if variant not in ("default", "sinkhorn_xla", "sinkhorn_kernel", "sorted_moe"):
+    if variant not in ("default", "sinkhorn_xla", "sinkhorn_kernel", "sorted_moe", "chunk32"):
         raise ValueError(f"unknown variant {variant!r}")
     os.environ.pop("MEGAMOE_SINKHORN_KERNEL", None)
     if variant.startswith("sinkhorn"):
         os.environ["MEGAMOE_SINKHORN_KERNEL"] = "1" if variant == "sinkhorn_kernel" else "0"
     fused_moe.ROWS_MODE_MAX_ROWS = 0 if variant == "sorted_moe" else _ROWS_MODE_DEFAULT
+    generate.DECODE_CHUNK = 32 if variant == "chunk32" else _CHUNK_DEFAULT
     jax.clear_caches()   # the decode loop is jitted on the model: force a fresh trace
 
 
@@ -219,7 +222,7 @@ def main():
     ap.add_argument("--variants", default="default",
                     help="comma list of code variants to time in this process: default, sinkhorn_xla, "
                          "sinkhorn_kernel (the mHC Sinkhorn form forced on every call), sorted_moe (routed rows always "
-                         "sorted by expert)")
+                         "sorted by expert), chunk32 (32 decode steps per inner loop instead of 8)")
     args = ap.parse_args()
     if 0 < args.marginal_steps <= args.steps:
         ap.error(f"--marginal-steps must exceed --steps ({args.steps}), got {args.marginal_steps}")

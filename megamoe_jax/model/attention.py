@@ -137,21 +137,32 @@ class Attention(nnx.Module):
         # through 0 * inf in the probability-weighted sum.
         kv = jnp.where((jnp.arange(t) < lengths[:, None])[..., None], kv, 0)
 
-        # Window keys: the ring in position order (seq[j] has position start - W + j for j < W) followed by the
-        # new tokens (seq[W + t] has position start + t). Query t sees seq[j] for t < j <= t + W, position >= 0.
-        ring_pos = start_pos[:, None] - w + jnp.arange(w, dtype=jnp.int32)             # [B, W]
-        ring = jnp.take_along_axis(state.window, (ring_pos % w)[..., None], axis=1)
-        seq = jnp.concatenate([ring, kv], axis=1)                                       # [B, W+T, hd]
-        j = jnp.arange(w + t)
-        tt = jnp.arange(t)
-        win_mask = (j[None, :] > tt[:, None]) & (j[None, :] <= tt[:, None] + w)        # [T, W+T]
-        win_mask = win_mask[None] & ((start_pos[:, None] - w + j[None]) >= 0)[:, None, :]   # [B, T, W+T]
-
-        # New ring: slot s takes the latest position < end congruent to s (from seq; older ones stay).
-        end = start_pos + lengths
-        s = jnp.arange(w, dtype=jnp.int32)
-        latest = end[:, None] - 1 - jnp.mod(end[:, None] - 1 - s[None], w)            # [B, W]
-        window = jnp.take_along_axis(seq, (latest - start_pos[:, None] + w)[..., None], axis=1)
+        if t == 1:
+            # Decode: the new key goes into its ring slot in place, and the query attends over the updated ring
+            # itself: slot s then holds position p - ((p - s) mod W), exactly the window (p - W, p] (the softmax
+            # does not depend on the key order). A row without a token leaves its ring as it was.
+            # (An elementwise select over the small ring: one launch, written into the donated buffer.)
+            s = jnp.arange(w, dtype=jnp.int32)
+            hit = (s[None] == (start_pos % w)[:, None]) & (lengths > 0)[:, None]          # [B, W]
+            window = jnp.where(hit[..., None], kv, state.window)                        # [B, W, hd]
+            held = start_pos[:, None] - jnp.mod(start_pos[:, None] - s[None], w)
+            seq, win_mask = window, (held >= 0)[:, None, :]                             # [B, W], [B, 1, W]
+        else:
+            # Window keys: the ring in position order (seq[j] has position start - W + j for j < W) followed by
+            # the new tokens (seq[W + t] has position start + t). Query t sees seq[j] for t < j <= t + W,
+            # position >= 0.
+            ring_pos = start_pos[:, None] - w + jnp.arange(w, dtype=jnp.int32)         # [B, W]
+            ring = jnp.take_along_axis(state.window, (ring_pos % w)[..., None], axis=1)
+            seq = jnp.concatenate([ring, kv], axis=1)                                   # [B, W+T, hd]
+            j = jnp.arange(w + t)
+            tt = jnp.arange(t)
+            win_mask = (j[None, :] > tt[:, None]) & (j[None, :] <= tt[:, None] + w)    # [T, W+T]
+            win_mask = win_mask[None] & ((start_pos[:, None] - w + j[None]) >= 0)[:, None, :]   # [B, T, W+T]
+            # New ring: slot s takes the latest position < end congruent to s (from seq; older ones stay).
+            end = start_pos + lengths
+            s = jnp.arange(w, dtype=jnp.int32)
+            latest = end[:, None] - 1 - jnp.mod(end[:, None] - 1 - s[None], w)        # [B, W]
+            window = jnp.take_along_axis(seq, (latest - start_pos[:, None] + w)[..., None], axis=1)
 
         comp_keys = comp_mask = None
         comp_state = idx_state = None

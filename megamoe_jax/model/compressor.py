@@ -14,12 +14,12 @@ the entry's nope dims; for the indexer a Hadamard rotation + FP4 round trip) is 
 cancels in the indexer's q.k, and the rounding is optional numerics ([R] itself notes the cache "could also use
 fp8"). Outputs therefore match an unquantized [R] / transformers.
 
-Decode state (`CompressorState`, [R] `kv_state` / `score_state` / `kv_cache`): for a sequence whose next position
-is `start`, row u of `kv` / `score` holds the token at position base + u, base = (start // m) * m - overlap * m;
-i.e. with overlap rows [0, m) are the previous complete window and rows [m, 2m) the current partial one (slot
-pos % m), without overlap rows [0, m) are the current partial window. Rows whose position is < 0 or >= start hold
-zeros and are never read (every read is masked by position), so the state of a row that receives only padding
-is left bit-identical.
+Decode state (`CompressorState`, [R] `kv_state` / `score_state` / `kv_cache`): a ring of rows = coff * m slots;
+slot s holds the pending token at the latest position p < next_pos with p % rows == s. The positions a call can
+still need (the previous complete window with overlap, the current partial one) are the last < rows positions,
+so each has its own slot; older contents are stale and never read (every read is masked by position). A decode
+step (one token) therefore writes one slot in place instead of rebuilding the rows, and a row that receives only
+padding keeps its state bit-identical. (Without overlap rows = m and the ring is the window in order.)
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class CompressorState:
     """Per-layer compressor state for B sequences (a pytree; all shapes static)."""
-    kv: jax.Array        # [B, coff*m, coff*d] float32: Cv of the pending tokens (row u = position base + u)
+    kv: jax.Array        # [B, coff*m, coff*d] float32: Cv of the pending tokens (slot = position % (coff*m))
     score: jax.Array     # [B, coff*m, coff*d] float32: Z + ape of the same tokens
     entries: jax.Array   # [B, max_len // m, d] cache dtype: compressed entry i (valid for i < next_pos // m)
 
@@ -135,7 +135,8 @@ class Compressor(nnx.Module):
         base = (start_pos // m) * m - ov * m                                            # [B]
         taken = start_pos - base                                                        # [B] rows from the state
         u = jnp.arange(u_len, dtype=start_pos.dtype)
-        src = jnp.where(u[None] < taken[:, None], u[None], rows + u[None] - taken[:, None])
+        # Positions < start come from their ring slot, the others from the new tokens (concatenated after the ring).
+        src = jnp.where(u[None] < taken[:, None], jnp.mod(base[:, None] + u[None], rows), rows + u[None] - taken[:, None])
         src = jnp.clip(src, 0, rows + t - 1)                                            # [B, U]
         pos_u = base[:, None] + u[None]                                                 # [B, U]
         valid = (pos_u >= 0) & (pos_u < end[:, None])
@@ -167,8 +168,26 @@ class Compressor(nnx.Module):
         rows_b = jnp.broadcast_to(jnp.arange(b)[:, None], slot.shape)
         entries = state.entries.at[rows_b, slot].set(comp.astype(dtype), mode="drop")
 
-        # Next state: rows of positions new_base .. new_base + rows - 1 (invalid positions are already zero).
-        shift = (end // m - start_pos // m) * m                                         # [B]
-        take = (shift[:, None] + jnp.arange(rows, dtype=start_pos.dtype)[None])[..., None]
-        return CompressorState(kv=jnp.take_along_axis(ext_kv, take, 1),
-                               score=jnp.take_along_axis(ext_sc, take, 1), entries=entries)
+        # Next state: every new token goes to its ring slot; the other slots keep what they hold.
+        return CompressorState(kv=_ring_write(state.kv, kv, start_pos, lengths),
+                               score=_ring_write(state.score, score, start_pos, lengths), entries=entries)
+
+
+def _ring_write(ring: jax.Array, new: jax.Array, start: jax.Array, lengths: jax.Array) -> jax.Array:
+    """ring [B, R, C] with slot = position % R; new [B, T, C] at positions start + t, t < lengths -> updated ring.
+
+    Each slot takes the latest new position congruent to it, or keeps what it holds. For one token (decode) this is
+    a single elementwise select over the small ring (XLA writes it into the donated buffer; a scatter would lower
+    to a dynamic-update-slice plus a separate read of the old row, two launches)."""
+    b, r, _ = ring.shape
+    t = new.shape[1]
+    s = jnp.arange(r, dtype=start.dtype)
+    if t == 1:
+        hit = (s[None] == (start % r)[:, None]) & (lengths > 0)[:, None]              # [B, R]
+        return jnp.where(hit[..., None], new, ring)
+    end = start + lengths
+    latest = end[:, None] - 1 - jnp.mod(end[:, None] - 1 - s[None], r)                  # [B, R]
+    fresh = latest >= start[:, None]
+    idx = jnp.clip(latest - start[:, None], 0, t - 1)
+    taken = jnp.take_along_axis(new, idx[..., None], axis=1)
+    return jnp.where(fresh[..., None], taken, ring)

@@ -37,7 +37,15 @@ def sinkhorn_split(mixes: jax.Array, scale: jax.Array, base: jax.Array, n: int, 
     pre = jax.nn.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + eps
     post = 2.0 * jax.nn.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
     logits = (mixes[..., 2 * n:] * scale[2] + base[2 * n:]).reshape(*mixes.shape[:-1], n, n)
-    return pre, post, dispatch.sinkhorn(logits, iters, eps, decode=decode)
+    comb = dispatch.sinkhorn(logits, iters, eps, decode=decode)
+    if decode:
+        # One buffer for all three, materialised once: otherwise XLA's GPU fusion recomputes the Sinkhorn in
+        # each consumer's fusion and runs pre and post as fusions of their own (at decode, ~1 fewer launch of
+        # ~2 us per sublayer; benchmarks/decode_launches.py).
+        packed = jax.lax.optimization_barrier(
+            jnp.concatenate([comb.reshape(*comb.shape[:-2], n * n), pre, post], axis=-1))
+        comb, pre, post = packed[..., :n * n].reshape(comb.shape), packed[..., n * n:-n], packed[..., -n:]
+    return pre, post, comb
 
 
 def hc_pre(x: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, *, hc_mult: int, iters: int,
