@@ -14,6 +14,7 @@ times so that ncu can read the Mosaic GPU kernels' hardware counters:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ import numpy as np
 
 from benchmarks.model_decode import random_nvfp4
 from pallas_kernels import fused_moe
+from pallas_kernels import grouped_matmul as gm
 
 
 def main():
@@ -31,7 +33,7 @@ def main():
     ap.add_argument("--time", action="store_true")
     ap.add_argument("--variants", default="default",
                     help="with --time: comma list of default, sorted (rows sorted by expert), rows16 (one-row "
-                         "items in 16-row tiles)")
+                         "items in 16-row tiles), overlap (pipelined K loop in the SwiGLU kernel)")
     ap.add_argument("--copy-tb-s", type=float, default=3.29, help="copy rate for the floor (measured, sustained)")
     args = ap.parse_args()
     if args.time:
@@ -52,13 +54,17 @@ def main():
 
 
 def _set_variant(variant):
-    if variant not in ("default", "sorted", "rows16"):
+    """default; sorted (rows always sorted by expert); rows16 (one-row items in 16-row tiles); overlap (the
+    SwiGLU kernel's pipelined K loop, Config.overlap_mma)."""
+    if variant not in ("default", "sorted", "rows16", "overlap"):
         raise ValueError(f"unknown variant {variant!r}")
     fused_moe.ROWS_MODE_MAX_ROWS = 0 if variant == "sorted" else _DEFAULTS[0]
     fused_moe.ROWS_TILE_M = 16 if variant == "rows16" else _DEFAULTS[1]
+    gm.default_config = ((lambda *a, **k: dataclasses.replace(_DEFAULTS[2](*a, **k), overlap_mma=True))
+                         if variant == "overlap" else _DEFAULTS[2])
 
 
-_DEFAULTS = (fused_moe.ROWS_MODE_MAX_ROWS, fused_moe.ROWS_TILE_M)
+_DEFAULTS = (fused_moe.ROWS_MODE_MAX_ROWS, fused_moe.ROWS_TILE_M, gm.default_config)
 
 
 def time_tokens(tokens, copy_tb_s, variants=("default",)):

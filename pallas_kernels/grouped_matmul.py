@@ -58,10 +58,16 @@ class Config:
     num_stages: depth of the TMA pipeline over K (each stage: 128 x 256 weights and tile_m x 256 activations).
     natural_k: relayout the codes in registers so K keeps its order (prefill: no pass over x); False decodes
       without the relayout and permutes x instead (decode: x is small, the kernel is cheaper). nvfp4_decode.
+    overlap_mma: software-pipeline the K loop: decode each weight tile while the previous tile's wgmma runs
+      (wait for all but the last wgmma group before decoding), instead of waiting for every step's wgmmas before
+      the next decode. Two-weight (SwiGLU) kernel with num_stages >= 3 only (the activation slot of a step is
+      released about one step later; for one weight ptxas serialises the wgmmas anyway); ignored otherwise.
+      Not yet timed on a GPU (benchmarks/RESULTS.md, 2026-12-02): off by default.
     """
     tile_m: int = 64
     num_stages: int = 4
     natural_k: bool = False
+    overlap_mma: bool = False
 
     def __post_init__(self):
         if self.tile_m < 8 or self.tile_m > 256 or self.tile_m & (self.tile_m - 1):
@@ -191,6 +197,21 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
     epi_fold = variant.epilogue_fold
     limit = float(swiglu_limit) if (swiglu_limit is not None and swiglu_limit > 0) else None
 
+    # ptxas (CUDA 13, 2026-12-02) pipelines the two-weight kernel's wgmmas only with K-half tiles; for one weight it
+    # serialises them either way (C7512 "insufficient register resources" with whole tiles, C7513 "non wgmma
+    # instructions defining input registers" with halves), so the one-weight kernel keeps the plain loop.
+    overlap = cfg.overlap_mma and stages >= 3 and nw == 2
+    # With overlap, the activation slot of step s is released once all of its P wgmma groups (tiles) are done:
+    # after the wait that precedes tile n = ki * P + q of a later step, every tile <= n - 2 is done, which
+    # completes step s = ki + (q - 1) // P - 1 when (q - 1) % P == 0. The steps left over are released after the
+    # loop.
+    # The two weights decode in K halves ([64, 128] tiles): two tiles in flight fit the register budget.
+    halves = 2 if nw == 2 else 1
+    tiles_per_step = nw * halves
+    release_at = {q: (q - 1) // tiles_per_step - 1 for q in range(tiles_per_step) if (q - 1) % tiles_per_step == 0}
+    released = {ki + d for ki in range(k_iters) for d in release_at.values() if 0 <= ki + d < k_iters}
+    release_after = [st for st in range(k_iters) if st not in released]
+
     def kernel(items_gmem, count_gmem, x_gmem, *refs):
         w_gmems = refs[0:nw]
         s_gmems = refs[nw:2 * nw]
@@ -203,6 +224,39 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         else:
             w_u8, w_i4 = w_smem
         num_valid = count_gmem[0]
+
+        def _pipelined_k_loop(accs, wg):
+            """The K loop with each tile's decode overlapping the previous tile's wgmma (Config.overlap_mma)."""
+            @pl.loop(0, k_iters)
+            def _k_loop(ki):
+                si = lax.rem(ki, stages)
+                plgpu.barrier_wait(w_bar.at[si])
+                for q in range(tiles_per_step):
+                    j, hf = divmod(q, halves)
+                    k_half = hf if halves == 2 else None
+                    plgpu.wgmma_wait(1)      # all but the last issued group done: their operand registers are free
+                    if q in release_at:
+                        done_step = ki + release_at[q]
+                        pl.when(done_step >= 0)(lambda d=done_step: plgpu.barrier_arrive(
+                            x_free.at[lax.rem(d + stages, stages)]))
+                    slot = j * _COMPUTE_WGS + wg
+                    a_op = _decode_operand(w_u8.at[si, slot], w_i4.at[si, slot], s_smem.at[si, slot], variant,
+                                           cfg.natural_k, interpret, k_half=k_half)
+                    if q == tiles_per_step - 1:
+                        plgpu.barrier_arrive(w_free.at[si])
+                    if q == 0:
+                        plgpu.barrier_wait(x_bar.at[si])
+                    x_op = x_smem.at[si] if k_half is None else x_smem.at[si, :, pl.ds(hf * (tk // 2), tk // 2)]
+                    if interpret:
+                        a_buf = a_smem[0].at[wg, j] if k_half is None else a_smem[0].at[wg, j, :, pl.ds(
+                            hf * (tk // 2), tk // 2)]
+                        a_buf[...] = a_op
+                        a_op = a_buf
+                    plgpu.wgmma(accs[j], a_op, x_op.T)
+
+            plgpu.wgmma_wait(0)
+            for st in release_after:
+                plgpu.barrier_arrive(x_free.at[st % stages])
 
         def item_body(loop_info: plgpu.NDLoopInfo, carry):
             carry_all, carry_mm = carry
@@ -224,6 +278,10 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 wg_rows = pl.ds(wg * _WG_ROWS, _WG_ROWS)
 
                 def acc_scope(*accs):
+                    if overlap:
+                        pl.when(has_mm)(lambda: _pipelined_k_loop(accs, wg))
+                        return tuple(a[...] for a in accs)
+
                     @pl.when(has_mm)
                     def _():
                         @pl.loop(0, k_iters)
@@ -361,19 +419,25 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
     return kernel, scratch
 
 
-def _decode_operand(w_u8, w_i4, s_ref, variant, natural_k, interpret):
-    """One warpgroup's [64, 256] weight tile -> scaled bf16 wgmma operand (value * s_b / 2^8)."""
+def _decode_operand(w_u8, w_i4, s_ref, variant, natural_k, interpret, k_half=None):
+    """One warpgroup's [64, 256] weight tile -> scaled bf16 wgmma operand (value * s_b / 2^8); with k_half 0/1
+    only the first/second 128 columns ([64, 128]: half the registers, for the pipelined K loop)."""
+    cols = _TILE_K if k_half is None else _TILE_K // 2
     if interpret:
-        w = nvfp4_decode.decode_jnp(w_u8[...], s_ref[...], variant)
+        packed, scales = w_u8[...], s_ref[...]
+        if k_half is not None:
+            packed = packed[:, k_half * cols // 2:(k_half + 1) * cols // 2]
+            scales = scales[:, k_half * cols // 16:(k_half + 1) * cols // 16]
+        w = nvfp4_decode.decode_jnp(packed, scales, variant)
         return w if natural_k else nvfp4_decode.permute_k(w)
 
     @plgpu.inline_mgpu(
         arg_types=(plgpu.RefType(transforms=_W_I4_TRANSFORMS), plgpu.RefType()),
-        return_type=plgpu.ShapeDtypeStruct((_WG_ROWS, _TILE_K), jnp.bfloat16, layout=_WGMMA),
+        return_type=plgpu.ShapeDtypeStruct((_WG_ROWS, cols), jnp.bfloat16, layout=_WGMMA),
     )
     def decode(ctx, w_ref, s_ref):
         del ctx
-        return nvfp4_decode.decode_tile_mgpu(w_ref, s_ref, variant, natural_k)
+        return nvfp4_decode.decode_tile_mgpu(w_ref, s_ref, variant, natural_k, k_half=k_half)
 
     return decode(w_i4, s_ref)
 

@@ -90,9 +90,10 @@ def permute_k(a: jax.Array) -> jax.Array:
     return jnp.swapaxes(a, -3, -2).reshape(*lead, k)      # (t, j, q, b)
 
 
-def decode_tile_mgpu(w_ref, s_ref, variant: DecodeVariant, natural_k: bool = False):
+def decode_tile_mgpu(w_ref, s_ref, variant: DecodeVariant, natural_k: bool = False, k_half: int | None = None):
     """Inside inline_mgpu: int4 SMEM tile [64, 256] (tiled (8, 256), swizzle 128) + E4M3 scales [64, 16] ->
-    bf16 FragmentedArray [64, 256] in WGMMA layout = value * s_b * 2^-8.
+    bf16 FragmentedArray [64, 256] in WGMMA layout = value * s_b * 2^-8 (k_half 0/1: only columns
+    [128 * k_half, 128 * k_half + 128), a [64, 128] array; permuted K only).
 
     natural_k=False: K permuted as in `k_permutation` (no register relayout; the activation is permuted instead).
     natural_k=True: the int4 codes are first relaid into the WGMMA layout (a quad transpose of bytes: two
@@ -105,6 +106,9 @@ def decode_tile_mgpu(w_ref, s_ref, variant: DecodeVariant, natural_k: bool = Fal
 
     if variant.name != "subnormal":
         raise NotImplementedError("the register decode implements the 'subnormal' variant")
+    if k_half is not None and (natural_k or k_half not in (0, 1)):
+        raise NotImplementedError("k_half decodes a column half of the permuted-K operand only")
+    groups = range(8) if k_half is None else range(4 * k_half, 4 * k_half + 4)    # 32-column groups t
     i32 = ir.IntegerType.get_signless(32)
     i8 = ir.IntegerType.get_signless(8)
     bf16 = ir.BF16Type.get()
@@ -158,13 +162,13 @@ def decode_tile_mgpu(w_ref, s_ref, variant: DecodeVariant, natural_k: bool = Fal
                         scales[(t, h, j)] = sc
 
     v2bf16 = ir.VectorType.get((2,), bf16)
-    out = np.empty((1, 32, 1, 1, 2, 1, 1, 1, 1), dtype=object)
-    for t in range(8):
+    out = np.empty((1, 4 * len(groups), 1, 1, 2, 1, 1, 1, 1), dtype=object)
+    for ti, t in enumerate(groups):
         for h in range(2):
             bits = _pair_bits(word(t, h), c32, arith, utils)
             for j in range(4):
                 v = utils.bitcast(bits[j], v2bf16)                       # value * 2^-126 (bf16 pair)
-                out[0, 4 * t + j, 0, 0, h, 0, 0, 0, 0] = arith.mulf(v, utils.bitcast(scales[(t, h, j)], v2bf16))
+                out[0, 4 * ti + j, 0, 0, h, 0, 0, 0, 0] = arith.mulf(v, utils.bitcast(scales[(t, h, j)], v2bf16))
     return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
 

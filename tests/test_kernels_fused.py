@@ -67,3 +67,19 @@ def test_fused_moe_rows_mode_matches_reference(w4a4, t, k):
                                        config=gm.Config(tile_m=8, num_stages=1))
     # Same per-row products and sums in both modes: only the order of the k-row combine could differ.
     np.testing.assert_allclose(out, np.asarray(sorted_out.astype(jnp.float32)), rtol=2 ** -7, atol=1e-6)
+
+
+def test_fused_moe_pipelined_k_loop_matches_reference():
+    """Config.overlap_mma (decode of each tile overlapping the previous tile's wgmma) in the two-weight SwiGLU
+    kernel and the down kernel: 3 K steps each, 3 stages."""
+    e, d, i, t, k = 3, 768, 768, 2, 2
+    w1, w3, w2 = _experts(jax.random.PRNGKey(5), e, d, i)
+    x = jax.random.normal(jax.random.PRNGKey(13), (t, d)).astype(jnp.bfloat16)
+    idx = jnp.array([[2, 0], [0, 1]], jnp.int32)
+    tw = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(14), (t, k)), -1)
+    out = fused_moe.moe_experts(x, w1, w3, w2, idx, tw, 4.0, interpret=True, rows_mode=True,
+                                config=gm.Config(tile_m=8, num_stages=3, overlap_mma=True))
+    ref = np.asarray(fused_moe.reference(x, w1, w3, w2, idx, tw, 4.0, out_dtype=jnp.float32))
+    out = np.asarray(out.astype(jnp.float32))
+    assert np.isfinite(out).all()
+    assert np.abs(out - ref).max() <= 2.0 ** -6 * np.abs(ref).max()

@@ -68,3 +68,22 @@ def test_fused_moe_row_items_and_sorted_agree(t, rows_mode, w4a4):
     ref = np.asarray(fused_moe.reference(x, w1, w3, w2, idx, tw, 7.0, out_dtype=jnp.float32))
     assert np.isfinite(out).all()
     assert np.abs(out - ref).max() <= 2.0 ** -6 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("t", [1, 37])
+def test_fused_moe_pipelined_k_loop_on_gpu(t):
+    """Config.overlap_mma (the SwiGLU kernel decodes each K-half tile while the previous tile's wgmma runs) at
+    V4-Flash widths: same bound as the default loop."""
+    from pallas_kernels import grouped_matmul as gm
+    e, d, i, k = 32, 4096, 2048, 4
+    w1, w3, w2 = _experts(jax.random.PRNGKey(20 + t), e, d, i, False)
+    rng = np.random.default_rng(t)
+    idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]), jnp.int32)
+    tw = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(5), (t, k)), -1)
+    x = jax.random.normal(jax.random.PRNGKey(6), (t, d)).astype(jnp.bfloat16)
+    cfg = gm.Config(tile_m=8 if t == 1 else 16, num_stages=4, overlap_mma=True)
+    out = np.asarray(jax.jit(lambda *a: fused_moe.moe_experts(*a, 7.0, config=cfg))(
+        x, w1, w3, w2, idx, tw).astype(jnp.float32))
+    ref = np.asarray(fused_moe.reference(x, w1, w3, w2, idx, tw, 7.0, out_dtype=jnp.float32))
+    assert np.isfinite(out).all()
+    assert np.abs(out - ref).max() <= 2.0 ** -6 * np.abs(ref).max()
