@@ -31,7 +31,8 @@ def hc_mixes(x: jax.Array, fn: jax.Array, rms_eps: float) -> jax.Array:
 def sinkhorn_split(mixes: jax.Array, scale: jax.Array, base: jax.Array, n: int, iters: int, eps: float, *,
                    decode: bool = False):
     """[R] hc_split_sinkhorn: mixes [..., (2+n)n] -> pre [..., n], post [..., n], comb [..., n, n] (fp32).
-    `decode` (one token per sequence) only picks the Sinkhorn implementation (dispatch.sinkhorn)."""
+    `decode` (one token per sequence) picks the Sinkhorn implementation (dispatch.sinkhorn) and materialises comb
+    once; the values do not depend on it."""
     scale = scale.astype(jnp.float32)
     base = base.astype(jnp.float32)
     pre = jax.nn.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + eps
@@ -39,12 +40,9 @@ def sinkhorn_split(mixes: jax.Array, scale: jax.Array, base: jax.Array, n: int, 
     logits = (mixes[..., 2 * n:] * scale[2] + base[2 * n:]).reshape(*mixes.shape[:-1], n, n)
     comb = dispatch.sinkhorn(logits, iters, eps, decode=decode)
     if decode:
-        # One buffer for all three, materialised once: otherwise XLA's GPU fusion recomputes the Sinkhorn in
-        # each consumer's fusion and runs pre and post as fusions of their own (at decode, ~1 fewer launch of
-        # ~2 us per sublayer; benchmarks/decode_launches.py).
-        packed = jax.lax.optimization_barrier(
-            jnp.concatenate([comb.reshape(*comb.shape[:-2], n * n), pre, post], axis=-1))
-        comb, pre, post = packed[..., :n * n].reshape(comb.shape), packed[..., n * n:-n], packed[..., -n:]
+        # Materialise comb once: otherwise XLA's GPU fusion recomputes the unrolled Sinkhorn inside each consumer
+        # fusion (and spends minutes compiling it). pre and post are cheap and fuse into their consumers.
+        comb = jax.lax.optimization_barrier(comb)
     return pre, post, comb
 
 
