@@ -48,7 +48,7 @@ def supported(x, w1, w3, w2) -> str | None:
     return None
 
 
-# Up to this many (token, slot) rows go to the kernels unsorted, one work item per row (grouped_matmul.row_work_list):
+# Up to this many (token, slot) rows go to the kernels unsorted, one work item per row (grouped_matmul._launch's row_group):
 # the k experts of one token are distinct, so nothing is streamed twice, and the sort, the gathers in sorted order
 # and the un-sort (about ten small launches per layer) disappear. With more tokens experts repeat and sorting wins
 # (T = 8: 48 rows on ~42 experts would stream 14% more weights).
@@ -73,11 +73,11 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
     if rows_mode is None:
         rows_mode = m <= ROWS_MODE_MAX_ROWS
     if rows_mode:     # row r = (token r // k, slot r % k), in that order
-        row_group = jnp.clip(topk_idx.reshape(-1).astype(jnp.int32), 0, e - 1)
+        row_group = topk_idx.reshape(-1).astype(jnp.int32)          # the kernel clamps it to [0, E)
         group_sizes = None
         token_of_row = jnp.arange(m, dtype=jnp.int32) // k
         route_w = topk_weight.reshape(-1).astype(jnp.float32)                     # [M]
-        gid = row_group
+        gid = jnp.clip(row_group, 0, e - 1)
     else:
         row_group = None
         order, group_sizes = _reference.route_sort(topk_idx, e)

@@ -140,25 +140,6 @@ def build_work_list(group_sizes: jax.Array, m: int, tile_m: int):
     return items, count.astype(jnp.int32)[None]
 
 
-def row_work_list(row_group: jax.Array, m: int, tile_m: int):
-    """One work item per row, rows in any order: item r = (row_group[r], 8 * (r // 8), r % 8, 1).
-
-    For a handful of rows whose groups are (mostly) distinct, e.g. the k experts of one decode token, this skips
-    sorting the rows by group and un-sorting the result (about ten small XLA launches per MoE layer). Rows of the
-    same group in different items each stream that group's weights, so sorted groups are better once groups
-    repeat. Same (items [4, I], count [1]) contract as `build_work_list`; I = max_items(m, m, tile_m) >= m.
-    """
-    if row_group.shape != (m,):
-        raise ValueError(f"row_group must be [{m}], got {list(row_group.shape)}")
-    n = max_items(m, m, tile_m)
-    r = jnp.arange(n, dtype=jnp.int32)
-    valid = r < m
-    group = jnp.pad(row_group.astype(jnp.int32), (0, n - m), constant_values=-1)
-    items = jnp.stack([group, jnp.where(valid, r // 8 * 8, 0), jnp.where(valid, r % 8, 0),
-                       valid.astype(jnp.int32)])
-    return items, jnp.full((1,), m, jnp.int32)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The kernel
 
@@ -172,6 +153,7 @@ class _Dims:
     row_scale_per_row: bool
     out_dtype: jnp.dtype
     n_items: int    # width of the work list (static bound on items)
+    rows_mode: bool = False   # items are one row each, in order: the "work list" is just the row's group [1, M]
 
 
 def _transforms(dtype, swizzle=128):
@@ -223,7 +205,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
             w_u8 = w_i4 = w_smem
         else:
             w_u8, w_i4 = w_smem
-        num_valid = count_gmem[0]
+        num_valid = dims.m if dims.rows_mode else count_gmem[0]
 
         def _pipelined_k_loop(accs, wg):
             """The K loop with each tile's decode overlapping the previous tile's wgmma (Config.overlap_mma)."""
@@ -264,10 +246,19 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
             item = lin // n_tiles
             ni = lin % n_tiles
             valid = item < num_valid
-            gi = items_gmem[0, item]
-            load_start = pl.multiple_of(items_gmem[1, item], 8)
-            offset = items_gmem[2, item]
-            size = items_gmem[3, item]
+            if dims.rows_mode:
+                # Unsorted rows, one work item each: item r = (group of row r, 8 * (r // 8), r % 8, 1). For a
+                # handful of rows with distinct groups (the k experts of one decode token) this skips sorting
+                # the rows and un-sorting the result, and building a work list (~14 small launches per layer).
+                gi = jnp.clip(items_gmem[0, jnp.minimum(item, dims.m - 1)], 0, dims.e - 1)
+                load_start = pl.multiple_of(item // 8 * 8, 8)
+                offset = item % 8
+                size = jnp.int32(1)
+            else:
+                gi = items_gmem[0, item]
+                load_start = pl.multiple_of(items_gmem[1, item], 8)
+                offset = items_gmem[2, item]
+                size = items_gmem[3, item]
             has_mm = valid & (gi >= 0)
             g = jnp.maximum(gi, 0)
             wg = lax.axis_index("wg")
@@ -575,7 +566,8 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
             interpret, row_group=None):
     """Run the kernel: x [M, K] (natural column order), 1 or 2 NVFP4 weights [E, N, K] -> [M, N].
 
-    Rows sorted by group (`group_sizes`), or, with row_group [M] given, in any order (`row_work_list`)."""
+    Rows sorted by group (`group_sizes`), or, with row_group [M] given, in any order: one work item per row (rows
+    of one group in different items each stream its weights, so this is for rows whose groups seldom repeat)."""
     m, k = x.shape
     e, n, _ = packs[0].shape
     tm = cfg.tile_m
@@ -586,13 +578,17 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
     xp = x if mp == m else jnp.pad(x, ((0, mp - m), (0, 0)))
     if not cfg.natural_k:   # the decoded weight operand has K permuted in 32-column groups; permute x to match
         xp = nvfp4_decode.permute_k(xp)
-    items, count = (build_work_list(group_sizes, m, tm) if row_group is None else
-                    row_work_list(row_group, m, tm))
+    if row_group is None:
+        items, count = build_work_list(group_sizes, m, tm)
+    else:   # the kernel derives each one-row item from its index: no work-list launch
+        if row_group.shape != (m,):
+            raise ValueError(f"row_group must be [{m}], got {list(row_group.shape)}")
+        items, count = row_group.astype(jnp.int32).reshape(1, m), jnp.full((1,), m, jnp.int32)
     per_row = any(r.shape[1] != 1 for r in row_scales)
     if per_row:
         row_scales = [jnp.broadcast_to(r, (e, n)) for r in row_scales]
     dims = _Dims(m=m, k=k, n=n, e=e, num_weights=len(packs), row_scale_per_row=per_row, out_dtype=out_dtype,
-                 n_items=items.shape[1])
+                 n_items=items.shape[1], rows_mode=row_group is not None)
     body, scratch = _build_kernel(dims, cfg, epilogue, swiglu_limit, interpret)
     args = [items, count, xp, *packs, *scales, *row_scales]
     kernel = plgpu.kernel(

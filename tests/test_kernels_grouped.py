@@ -119,15 +119,3 @@ def test_fp32_output_request_is_served_in_interpret_mode():
     assert out.dtype == jnp.float32
     _assert_close(out, x, w, gs)
 
-
-def test_row_work_list_items():
-    items, count = gm.row_work_list(jnp.array([5, 0, 5, 2, 1, 3, 4, 0, 7, 6], jnp.int32), 10, 8)
-    items = np.asarray(items)
-    assert int(count[0]) == 10 and items.shape[1] >= 10
-    np.testing.assert_array_equal(items[:, :10], [[5, 0, 5, 2, 1, 3, 4, 0, 7, 6],
-                                                  [0] * 8 + [8, 8],
-                                                  [0, 1, 2, 3, 4, 5, 6, 7, 0, 1],
-                                                  [1] * 10])
-    assert (items[0, 10:] == -1).all() and (items[3, 10:] == 0).all()
-    with pytest.raises(ValueError, match="row_group"):
-        gm.row_work_list(jnp.zeros((3,), jnp.int32), 4, 8)
