@@ -136,7 +136,8 @@ class Compressor(nnx.Module):
         taken = start_pos - base                                                        # [B] rows from the state
         u = jnp.arange(u_len, dtype=start_pos.dtype)
         # Positions < start come from their ring slot, the others from the new tokens (concatenated after the ring).
-        src = jnp.where(u[None] < taken[:, None], jnp.mod(base[:, None] + u[None], rows), rows + u[None] - taken[:, None])
+        src = jnp.where(u[None] < taken[:, None], jnp.mod(base[:, None] + u[None], rows),
+                        rows + u[None] - taken[:, None])
         src = jnp.clip(src, 0, rows + t - 1)                                            # [B, U]
         pos_u = base[:, None] + u[None]                                                 # [B, U]
         valid = (pos_u >= 0) & (pos_u < end[:, None])
