@@ -188,8 +188,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
     # completes step s = ki + (q - 1) // P - 1 when (q - 1) % P == 0. The steps left over are released after the
     # loop.
     # The two weights decode in K halves ([64, 128] tiles): two tiles in flight fit the register budget.
-    halves = 2 if nw == 2 else 1
-    tiles_per_step = nw * halves
+    tiles_per_step = 2 * nw
     release_at = {q: (q - 1) // tiles_per_step - 1 for q in range(tiles_per_step) if (q - 1) % tiles_per_step == 0}
     released = {ki + d for ki in range(k_iters) for d in release_at.values() if 0 <= ki + d < k_iters}
     release_after = [st for st in range(k_iters) if st not in released]
@@ -214,8 +213,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 si = lax.rem(ki, stages)
                 plgpu.barrier_wait(w_bar.at[si])
                 for q in range(tiles_per_step):
-                    j, hf = divmod(q, halves)
-                    k_half = hf if halves == 2 else None
+                    j, hf = divmod(q, 2)      # weight j, K half hf
                     plgpu.wgmma_wait(1)      # all but the last issued group done: their operand registers are free
                     if q in release_at:
                         done_step = ki + release_at[q]
@@ -223,15 +221,15 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                             x_free.at[lax.rem(d + stages, stages)]))
                     slot = j * _COMPUTE_WGS + wg
                     a_op = _decode_operand(w_u8.at[si, slot], w_i4.at[si, slot], s_smem.at[si, slot], variant,
-                                           cfg.natural_k, interpret, k_half=k_half)
+                                           cfg.natural_k, interpret, k_half=hf)
                     if q == tiles_per_step - 1:
                         plgpu.barrier_arrive(w_free.at[si])
                     if q == 0:
                         plgpu.barrier_wait(x_bar.at[si])
-                    x_op = x_smem.at[si] if k_half is None else x_smem.at[si, :, pl.ds(hf * (tk // 2), tk // 2)]
+                    half = pl.ds(hf * (tk // 2), tk // 2)
+                    x_op = x_smem.at[si, :, half]
                     if interpret:
-                        a_buf = a_smem[0].at[wg, j] if k_half is None else a_smem[0].at[wg, j, :, pl.ds(
-                            hf * (tk // 2), tk // 2)]
+                        a_buf = a_smem[0].at[wg, j, :, half]
                         a_buf[...] = a_op
                         a_op = a_buf
                     plgpu.wgmma(accs[j], a_op, x_op.T)
