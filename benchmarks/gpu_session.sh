@@ -41,10 +41,10 @@ for s in "${steps[@]}"; do
              [ "${BF16:-1}" = 1 ] && step decode_bf16 80 python benchmarks/model_decode.py --formats bf16 --batches 1 --steps 8 \
                   --repeats 1 --json "$out/model_decode_bf16.json" ;;
     fused)   step fused 200 python -m pytest -q -p no:cacheprovider tests/gpu/test_kernels_fused.py --tb=short ;;
-    experts) # one layer's routed experts at decode sizes (CUPTI): the default against the pipelined K loop and
-             # sorted rows
-             step experts 150 python benchmarks/ncu_experts.py --time --tokens-list 1,2,8,64 \
-                  --variants "${VARIANTS:-default,overlap,sorted}" ;;
+    experts) # one layer's routed experts at decode sizes (CUPTI): the default against no K split and the
+             # one-step K loop of the down kernel
+             step experts 150 python benchmarks/ncu_experts.py --time --tokens-list "${TOKENS:-1,2,8,64}" \
+                  --variants "${VARIANTS:-default,nosplit,unroll1}" ;;
     decode_b1)  # batch 1 only, same-process A/B of the routed rows (unsorted one-row items vs sorted), marginal step
              step decode_b1 200 python benchmarks/model_decode.py --formats nvfp4 --batches 1 --steps 32 \
                   --marginal-steps "${MARGINAL:-128}" --repeats "${REPEATS:-2}" --variants "${VARIANTS:-default,sorted_moe}" \

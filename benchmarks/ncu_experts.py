@@ -33,7 +33,8 @@ def main():
     ap.add_argument("--time", action="store_true")
     ap.add_argument("--variants", default="default",
                     help="with --time: comma list of default, sorted (rows sorted by expert), rows16 (one-row "
-                         "items in 16-row tiles), overlap (pipelined K loop in the SwiGLU kernel)")
+                         "items in 16-row tiles), overlap (pipelined K loop in the SwiGLU kernel), nosplit (no K "
+                         "split), unroll1 (down kernel: one K step per wait)")
     ap.add_argument("--copy-tb-s", type=float, default=3.29, help="copy rate for the floor (measured, sustained)")
     args = ap.parse_args()
     if args.time:
@@ -53,15 +54,19 @@ def main():
     print("out", out.shape, float(jnp.abs(out.astype(jnp.float32)).mean()))
 
 
+_CONFIG_VARIANTS = {"overlap": dict(overlap_mma=True), "nosplit": dict(split_k=1), "unroll1": dict(k_unroll=1)}
+
+
 def _set_variant(variant):
     """default; sorted (rows always sorted by expert); rows16 (one-row items in 16-row tiles); overlap (the
-    SwiGLU kernel's pipelined K loop, Config.overlap_mma)."""
-    if variant not in ("default", "sorted", "rows16", "overlap"):
+    SwiGLU kernel's pipelined K loop, Config.overlap_mma); nosplit (Config.split_k = 1); unroll1 (k_unroll = 1)."""
+    if variant not in ("default", "sorted", "rows16", *_CONFIG_VARIANTS):
         raise ValueError(f"unknown variant {variant!r}")
     fused_moe.ROWS_MODE_MAX_ROWS = 0 if variant == "sorted" else _DEFAULTS[0]
     fused_moe.ROWS_TILE_M = 16 if variant == "rows16" else _DEFAULTS[1]
-    gm.default_config = ((lambda *a, **k: dataclasses.replace(_DEFAULTS[2](*a, **k), overlap_mma=True))
-                         if variant == "overlap" else _DEFAULTS[2])
+    change = _CONFIG_VARIANTS.get(variant)
+    gm.default_config = ((lambda *a, **k: dataclasses.replace(_DEFAULTS[2](*a, **k), **change))
+                         if change else _DEFAULTS[2])
 
 
 _DEFAULTS = (fused_moe.ROWS_MODE_MAX_ROWS, fused_moe.ROWS_TILE_M, gm.default_config)

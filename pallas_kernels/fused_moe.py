@@ -92,7 +92,7 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
     rs1 = gm.epilogue_row_scale(w1.global_scale, e, inter, w1.input_scale)
     rs3 = gm.epilogue_row_scale(w3.global_scale, e, inter, w3.input_scale)
     n_groups = m if rows_mode else e
-    cfg1 = config or _rows_tile(gm.default_config(m, n_groups, num_weights=2), rows_mode)
+    cfg1 = config or _rows_tile(gm.default_config(m, n_groups, num_weights=2, n=inter, k=d), rows_mode)
     h = gm._launch(xs, [w1.packed, w3.packed], [w1.block_scale, w3.block_scale], [rs1, rs3], group_sizes,
                    jnp.dtype(x.dtype), cfg1, "swiglu", swiglu_limit, interpret, row_group=row_group)  # [M, I]
 
@@ -100,7 +100,7 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
         h = act_quant.quantize_dequantize_grouped(h, w2.input_scale, group_sizes, multiplier=w2.input_multiplier,
                                                   gid=gid)
     rs2 = gm.epilogue_row_scale(w2.global_scale, e, d, w2.input_scale)
-    cfg2 = config or _rows_tile(gm.default_config(m, n_groups), rows_mode)
+    cfg2 = config or _rows_tile(gm.default_config(m, n_groups, n=d, k=inter), rows_mode)
     y = gm._launch(h, [w2.packed], [w2.block_scale], [rs2], group_sizes, jnp.dtype(jnp.bfloat16),
                    cfg2, "linear", None, interpret, row_group=row_group)                # [M, D]
     y = y.astype(jnp.float32) * route_w[:, None]

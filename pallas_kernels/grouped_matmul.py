@@ -62,22 +62,38 @@ class Config:
       (wait for all but the last wgmma group before decoding), instead of waiting for every step's wgmmas before
       the next decode. Two-weight (SwiGLU) kernel with num_stages >= 3 only (the activation slot of a step is
       released about one step later; for one weight ptxas serialises the wgmmas anyway); ignored otherwise.
-      Not yet timed on a GPU (benchmarks/RESULTS.md, 2026-12-02): off by default.
+      Slower on an H200 (benchmarks/RESULTS.md, 2026-12-02, session 6: gate/up +29% at T = 2, +25% at T = 64,
+      -3% at T = 1): off by default, kept for the record.
+    k_unroll: K steps per iteration of the one-weight kernel's K loop (1 or 2): with 2, the tiles of two steps
+      are decoded before their two wgmmas and one wait, i.e. the ILP and register use of the two-weight kernel.
+      Needs k_iters % k_unroll == 0 and num_stages >= k_unroll (else 1 is used).
+    split_k: work units per (item, N tile), each summing K / split_k (split_k must divide K / 256). More, smaller
+      units balance the SMs when there are few rows (decode of one token: 96 gate/up units for 132 SMs); the
+      kernel then writes fp32 partial sums [split_k, M, N] (both weights side by side for SwiGLU) and XLA adds
+      them (and applies SwiGLU) in one small fusion.
     """
     tile_m: int = 64
     num_stages: int = 4
     natural_k: bool = False
     overlap_mma: bool = False
+    k_unroll: int = 1
+    split_k: int = 1
 
     def __post_init__(self):
         if self.tile_m < 8 or self.tile_m > 256 or self.tile_m & (self.tile_m - 1):
             raise ValueError(f"tile_m must be a power of two in [8, 256], got {self.tile_m}")
         if self.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+        if self.k_unroll not in (1, 2):
+            raise ValueError(f"k_unroll must be 1 or 2, got {self.k_unroll}")
+        if self.split_k < 1:
+            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
 
 
-def default_config(m: int, num_groups: int, num_weights: int = 1) -> Config:
-    """Decode-sized problems (few rows per group) get small row tiles and deep pipelines; prefill gets 128 rows."""
+def default_config(m: int, num_groups: int, num_weights: int = 1, n: int | None = None,
+                   k: int | None = None) -> Config:
+    """Decode-sized problems (few rows per group) get small row tiles and deep pipelines; prefill gets 128 rows.
+    Given the weight shape (n, k), decode-sized problems also get the K split that balances the SMs."""
     rows_per_group = m / max(1, min(num_groups, m))
     # Permuting x in XLA costs a pass over it (3.8 ms at 49152 x 4096: XLA's transpose of 4x4 blocks is slow), the
     # relayout costs ~12% kernel time at decode sizes (RESULTS.md sweep: T=64 0.52 vs 0.58 ms, T=256 1.00 vs 1.06).
@@ -93,7 +109,24 @@ def default_config(m: int, num_groups: int, num_weights: int = 1) -> Config:
     if num_weights == 2:   # two weight tiles per stage: halve the depth, keep SMEM under 227 KB
         cfg = dataclasses.replace(cfg, num_stages=max(2, cfg.num_stages // 2 + (cfg.tile_m <= 32)),
                                   tile_m=min(cfg.tile_m, 64))
+    elif cfg.tile_m <= 32:  # one weight, small accumulator: decode two K steps per wait (registers allow it)
+        cfg = dataclasses.replace(cfg, k_unroll=2)
+    if n is not None and k is not None and cfg.tile_m <= 16:
+        # Few rows per group: about one item per touched group (at most min(m, groups) of them).
+        units = min(m, num_groups) * (n // _CTA_ROWS)
+        cfg = dataclasses.replace(cfg, split_k=balanced_split_k(units, k // _TILE_K, _num_sms()))
     return dataclasses.replace(cfg, natural_k=natural_k)
+
+
+def balanced_split_k(units: int, k_steps: int, num_sms: int, max_split: int = 8) -> int:
+    """The K split S (dividing k_steps, >= 2 steps per unit) with the least modelled time: the busiest SM runs
+    ceil(units * S / num_sms) units of k_steps / S steps plus ~half a step of per-unit cost (epilogue, refill).
+    E.g. decode of one token on 132 SMs: gate/up 96 units of 16 steps -> 4 (three waves of 4 steps instead of
+    one SM in four idle), down 192 units of 8 steps -> 2 (three waves of 4 steps instead of two of 8)."""
+    def cost(s):
+        return -(-units * s // num_sms) * (k_steps / s + 0.5)
+    splits = [s for s in range(1, max_split + 1) if k_steps % s == 0 and (s == 1 or k_steps // s >= 2)]
+    return min(splits, key=lambda s: (cost(s), s))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -154,6 +187,7 @@ class _Dims:
     out_dtype: jnp.dtype
     n_items: int    # width of the work list (static bound on items)
     rows_mode: bool = False   # items are one row each, in order: the "work list" is just the row's group [1, M]
+    split_k: int = 1          # > 1: each unit sums K / split_k; fp32 partials [split_k, M, nw * N] are the output
 
 
 def _transforms(dtype, swizzle=128):
@@ -172,8 +206,9 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
     tm, tk, stages = cfg.tile_m, _TILE_K, cfg.num_stages
     nw = dims.num_weights
     variant = nvfp4_decode.SUBNORMAL
-    k_iters = dims.k // tk
-    stages = min(stages, k_iters)       # every slot is used by every item (barrier phase bookkeeping relies on it)
+    split = dims.split_k
+    k_iters = dims.k // tk // split     # K steps per work unit
+    stages = min(stages, k_iters)       # every slot is used by every unit (barrier phase bookkeeping relies on it)
     n_tiles = dims.n // _CTA_ROWS
     n_items = dims.n_items
     epi_fold = variant.epilogue_fold
@@ -183,6 +218,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
     # serialises them either way (C7512 "insufficient register resources" with whole tiles, C7513 "non wgmma
     # instructions defining input registers" with halves), so the one-weight kernel keeps the plain loop.
     overlap = cfg.overlap_mma and stages >= 3 and nw == 2
+    unroll = cfg.k_unroll if (nw == 1 and k_iters % cfg.k_unroll == 0 and stages >= cfg.k_unroll) else 1
     # With overlap, the activation slot of step s is released once all of its P wgmma groups (tiles) are done:
     # after the wait that precedes tile n = ki * P + q of a later step, every tile <= n - 2 is done, which
     # completes step s = ki + (q - 1) // P - 1 when (q - 1) % P == 0. The steps left over are released after the
@@ -241,8 +277,9 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         def item_body(loop_info: plgpu.NDLoopInfo, carry):
             carry_all, carry_mm = carry
             (lin,) = loop_info.index
-            item = lin // n_tiles
-            ni = lin % n_tiles
+            item = lin // (n_tiles * split)
+            ni = lin // split % n_tiles
+            k_base = lin % split * k_iters      # first K step of this unit
             valid = item < num_valid
             if dims.rows_mode:
                 # Unsorted rows, one work item each: item r = (group of row r, 8 * (r // 8), r % 8, 1). For a
@@ -273,25 +310,31 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
                     @pl.when(has_mm)
                     def _():
-                        @pl.loop(0, k_iters)
-                        def _k_loop(ki):
-                            si = lax.rem(ki, stages)
-                            plgpu.barrier_wait(w_bar.at[si])
-                            a_ops = []
-                            for j in range(nw):
-                                slot = j * _COMPUTE_WGS + wg      # this warpgroup's 64 rows of weight j
-                                a_ops.append(_decode_operand(w_u8.at[si, slot], w_i4.at[si, slot],
-                                                             s_smem.at[si, slot], variant, cfg.natural_k,
-                                                             interpret))
-                            plgpu.barrier_arrive(w_free.at[si])
-                            plgpu.barrier_wait(x_bar.at[si])
-                            for j in range(nw):
+                        @pl.loop(0, k_iters // unroll)
+                        def _k_loop(kk):
+                            # Decode every tile of the iteration's steps, then issue their wgmmas, then wait once.
+                            sis = [lax.rem(kk * unroll + u, stages) for u in range(unroll)]
+                            a_ops = []      # (stage slot, weight, operand), in K order per weight
+                            for si in sis:
+                                plgpu.barrier_wait(w_bar.at[si])
+                                for j in range(nw):
+                                    slot = j * _COMPUTE_WGS + wg      # this warpgroup's 64 rows of weight j
+                                    a_ops.append((si, j, _decode_operand(
+                                        w_u8.at[si, slot], w_i4.at[si, slot], s_smem.at[si, slot], variant,
+                                        cfg.natural_k, interpret)))
+                                plgpu.barrier_arrive(w_free.at[si])
+                            waited = set()
+                            for n, (si, j, a_op) in enumerate(a_ops):
+                                if n // nw not in waited:
+                                    plgpu.barrier_wait(x_bar.at[si])
+                                    waited.add(n // nw)
                                 if interpret:   # the interpreter's wgmma takes its A operand from SMEM only
-                                    a_smem[0].at[wg, j][...] = a_ops[j]
-                                    a_ops[j] = a_smem[0].at[wg, j]
-                                plgpu.wgmma(accs[j], a_ops[j], x_smem.at[si].T)
+                                    a_smem[0].at[wg, n][...] = a_op
+                                    a_op = a_smem[0].at[wg, n]
+                                plgpu.wgmma(accs[j], a_op, x_smem.at[si].T)
                             plgpu.wgmma_wait(0)
-                            plgpu.barrier_arrive(x_free.at[si])
+                            for si in sis:
+                                plgpu.barrier_arrive(x_free.at[si])
                     return tuple(a[...] for a in accs)
 
                 accs = pl.run_scoped(acc_scope, *[plgpu.ACC((_WG_ROWS, tm))] * nw)
@@ -299,13 +342,17 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 scaled = []
                 for j in range(nw):
                     scaled.append(accs[j] * _row_scale(rs_gmems[j], g, n0, tm, dims, epi_fold, interpret))
-                if epilogue == "swiglu":
-                    out = _swiglu(scaled[0], scaled[1], limit)
+                if split > 1:     # fp32 partial sums of every weight; the caller reduces (and applies SwiGLU)
+                    outs = scaled
+                elif epilogue == "swiglu":
+                    outs = [_swiglu(scaled[0], scaled[1], limit)]
                 else:
-                    out = scaled[0]
+                    outs = [scaled[0]]
                 # Zero-tail items ran no wgmma: the accumulator is still zero, and so is `out`.
                 pl.when(carry_all > 0)(lambda: plgpu.barrier_wait(o_free))
-                o_smem.at[wg].T[...] = plgpu.layout_cast(out.astype(dims.out_dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+                for j, out in enumerate(outs):
+                    o_smem.at[j * _COMPUTE_WGS + wg].T[...] = plgpu.layout_cast(
+                        out.astype(o_smem.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(o_bar)
 
@@ -327,10 +374,11 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                                     src_rows = pl.ds(ni * _CTA_ROWS + h * _WG_ROWS, _WG_ROWS)
                                     slot = j * _COMPUTE_WGS + h
                                     plgpu.copy_gmem_to_smem(
-                                        w_gmems[j].at[g, src_rows, pl.ds(ki * (tk // 2), tk // 2)],
+                                        w_gmems[j].at[g, src_rows, pl.ds((k_base + ki) * (tk // 2), tk // 2)],
                                         w_u8.at[si, slot], w_bar.at[si])
                                     plgpu.copy_gmem_to_smem(
-                                        s_gmems[j].at[g, src_rows, pl.ds(ki * (tk // 16), tk // 16)],
+                                        s_gmems[j].at[g, src_rows,
+                                                      pl.ds((k_base + ki) * (tk // 16), tk // 16)],
                                         s_smem.at[si, slot], w_bar.at[si])
 
                     @pl.when((warp_id == 1) & has_mm)
@@ -341,7 +389,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                         def _(ki):
                             si = lax.rem(ki, stages)
                             pl.when((ki >= stages) | (carry_mm > 0))(lambda: plgpu.barrier_wait(x_free.at[si]))
-                            ks = pl.ds(ki * tk, tk)
+                            ks = pl.ds((k_base + ki) * tk, tk)
 
                             def copy(p):
                                 return lambda: plgpu.copy_gmem_to_smem(
@@ -356,12 +404,19 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                     @pl.when(warp_id == 2)
                     def _storer():
                         plgpu.barrier_wait(o_bar)
-                        _ragged_store(o_smem, o_gmem, load_start, offset, size, ni, tm, dims.m)
+                        if split > 1:
+                            dst = o_gmem.at[lin % split]
+                            cols = [j * dims.n + ni * _CTA_ROWS + h * _WG_ROWS for j in range(nw)
+                                    for h in range(_COMPUTE_WGS)]
+                        else:
+                            dst = o_gmem
+                            cols = [ni * _CTA_ROWS + h * _WG_ROWS for h in range(_COMPUTE_WGS)]
+                        _ragged_store(o_smem, dst, cols, load_start, offset, size, tm, dims.m)
                         plgpu.barrier_arrive(o_free)
 
             return carry_all + valid.astype(jnp.int32), carry_mm + has_mm.astype(jnp.int32)
 
-        n_all, n_mm = plgpu.nd_loop((n_items * n_tiles,), collective_axes="sm",
+        n_all, n_mm = plgpu.nd_loop((n_items * n_tiles * split,), collective_axes="sm",
                                     init_carry=(jnp.int32(0), jnp.int32(0)))(item_body)
 
         # Observe the last completion of every "free" barrier, so that each thread has waited on every phase
@@ -394,8 +449,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         _tiled((stages, tm, tk), jnp.bfloat16),                                       # x
         w_scratch,                                                                    # packed W (u8 / i4 views)
         plgpu.SMEM((stages, slots, _WG_ROWS, tk // 16), jnp.float8_e4m3fn),           # block scales
-        plgpu.SMEM((_COMPUTE_WGS, tm, _WG_ROWS), dims.out_dtype,
-                   transforms=(plgpu.SwizzleTransform(128),)),                        # output rows
+        _out_smem(dims, tm),                                                          # output rows
         plgpu.Barrier(num_barriers=stages),                                           # x landed
         plgpu.Barrier(num_arrivals=2 * slots, num_barriers=stages),                   # W + scales landed
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS),                                     # output tile ready
@@ -404,7 +458,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         plgpu.Barrier(),                                                              # output buffer free
     ]
     if interpret:
-        scratch.append(plgpu.SMEM((_COMPUTE_WGS, nw, _WG_ROWS, tk), jnp.bfloat16))
+        scratch.append(plgpu.SMEM((_COMPUTE_WGS, max(nw, unroll), _WG_ROWS, tk), jnp.bfloat16))
     return kernel, scratch
 
 
@@ -450,8 +504,16 @@ def _swiglu(g, u, limit):
     return g / (1.0 + jnp.exp(-g)) * u
 
 
-def _ragged_store(o_smem, o_gmem, load_start, offset, size, ni, tm, m):
-    """TMA-store rows [offset, offset + size) of both warpgroups' [tm, 64] tiles, largest power of two first.
+def _out_smem(dims: _Dims, tm: int):
+    """The output tiles [slot, tm, 64], one per (weight, warpgroup) with split_k (fp32), else per warpgroup."""
+    if dims.split_k > 1:
+        return plgpu.SMEM((dims.num_weights * _COMPUTE_WGS, tm, _WG_ROWS), jnp.float32)
+    return plgpu.SMEM((_COMPUTE_WGS, tm, _WG_ROWS), dims.out_dtype, transforms=(plgpu.SwizzleTransform(128),))
+
+
+def _ragged_store(o_smem, o_gmem, col_starts, load_start, offset, size, tm, m):
+    """TMA-store rows [offset, offset + size) of the [tm, 64] tiles o_smem[i] to columns col_starts[i] of o_gmem,
+    largest power of two first.
 
     The compute warpgroups fenced their SMEM writes (commit_smem) before arriving on the barrier we waited on.
     """
@@ -460,10 +522,9 @@ def _ragged_store(o_smem, o_gmem, load_start, offset, size, ni, tm, m):
     while p > 0:
         @pl.when((size & p) != 0)
         def _(p=p, smem_off=smem_off):
-            for wg in range(_COMPUTE_WGS):
-                cols = pl.ds(ni * _CTA_ROWS + wg * _WG_ROWS, _WG_ROWS)
-                plgpu.copy_smem_to_gmem(o_smem.at[wg, pl.ds(smem_off, p)],
-                                        o_gmem.at[pl.ds(load_start + smem_off, p), cols],
+            for slot, c0 in enumerate(col_starts):
+                plgpu.copy_smem_to_gmem(o_smem.at[slot, pl.ds(smem_off, p)],
+                                        o_gmem.at[pl.ds(load_start + smem_off, p), pl.ds(c0, _WG_ROWS)],
                                         commit_group=False)
         smem_off = smem_off + (size & p)
         p //= 2
@@ -556,7 +617,7 @@ def grouped_matmul(x: jax.Array, packed: jax.Array, block_scale: jax.Array, glob
     # fp32 request gets the fp32 accumulator rounded to bf16 once (inside the stated bound), then widened.
     kernel_dtype = out_dtype if out_dtype.itemsize == 2 else jnp.dtype(jnp.bfloat16)
     out = _launch(x.astype(jnp.bfloat16), [packed], [block_scale], [rs], group_sizes, kernel_dtype,
-                  config or default_config(m, e), "linear", None, interpret)
+                  config or default_config(m, e, n=n, k=k), "linear", None, interpret)
     return out.astype(out_dtype)
 
 
@@ -585,13 +646,18 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
     per_row = any(r.shape[1] != 1 for r in row_scales)
     if per_row:
         row_scales = [jnp.broadcast_to(r, (e, n)) for r in row_scales]
-    dims = _Dims(m=m, k=k, n=n, e=e, num_weights=len(packs), row_scale_per_row=per_row, out_dtype=out_dtype,
-                 n_items=items.shape[1], rows_mode=row_group is not None)
+    split, nw = cfg.split_k, len(packs)
+    if (k // _TILE_K) % split:
+        raise ValueError(f"split_k={split} must divide the {k // _TILE_K} K steps of K={k}")
+    dims = _Dims(m=m, k=k, n=n, e=e, num_weights=nw, row_scale_per_row=per_row, out_dtype=out_dtype,
+                 n_items=items.shape[1], rows_mode=row_group is not None, split_k=split)
     body, scratch = _build_kernel(dims, cfg, epilogue, swiglu_limit, interpret)
     args = [items, count, xp, *packs, *scales, *row_scales]
+    out_type = (jax.ShapeDtypeStruct((split, mp, nw * n), jnp.float32) if split > 1 else
+                jax.ShapeDtypeStruct((mp, n), out_dtype))
     kernel = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
+        out_type=out_type,
         scratch_types=scratch,
         grid=(2 if interpret else _num_sms(),),   # interpret mode simulates every thread: keep it small
         grid_names=("sm",),
@@ -601,6 +667,12 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
         interpret=_interpret_params() if interpret else None,
     )
     out = kernel(*args)
+    if split > 1:   # every (split, row, column) was written once: add the partials, then the epilogue
+        part = out[:, :m].sum(axis=0)                                                    # [M, nw * N] fp32
+        if epilogue == "swiglu":
+            lim = float(swiglu_limit) if (swiglu_limit is not None and swiglu_limit > 0) else None
+            part = _swiglu(part[:, :n], part[:, n:], lim)
+        return part.astype(out_dtype)
     return out if mp == m else out[:m]
 
 

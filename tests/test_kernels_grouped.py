@@ -76,6 +76,10 @@ CASES = [
     (20, [5, 0, 1, 14], (4, 128, 256), gm.Config(tile_m=8, num_stages=1), "w4a16"),
     (37, [9, 1, 0, 20], (4, 256, 512), gm.Config(tile_m=16, num_stages=2), "per_row"),   # 7 zero tail rows
     (24, [0, 17, 1, 6], (4, 128, 256), gm.Config(tile_m=16, num_stages=1, natural_k=True), "w4a4"),
+    # two K steps per loop iteration over 3 pipeline slots: the slot pairs wrap (0 1, 2 0, 1 2, ...)
+    (13, [6, 0, 7], (3, 128, 1536), gm.Config(tile_m=8, num_stages=3, k_unroll=2), "per_row"),
+    # K split over 3 units per tile (fp32 partials added in XLA), each unit 2 steps, unrolled; 3 zero tail rows
+    (16, [1, 0, 12], (3, 256, 1536), gm.Config(tile_m=8, num_stages=2, k_unroll=2, split_k=3), "w4a4"),
 ]
 
 
@@ -119,3 +123,18 @@ def test_fp32_output_request_is_served_in_interpret_mode():
     assert out.dtype == jnp.float32
     _assert_close(out, x, w, gs)
 
+
+
+def test_split_k_policy_balances_decode_sizes():
+    """The modelled busiest-SM time picks a K split only where the units leave SMs idle or unevenly loaded."""
+    assert gm.balanced_split_k(96, 16, 132) == 4       # one token's gate/up: 96 units -> 384 (3 waves)
+    assert gm.balanced_split_k(192, 8, 132) == 2       # its down projection: 2 uneven waves -> 3 even ones
+    assert gm.balanced_split_k(768, 16, 132) == 1      # 8 tokens: already ~6 even waves
+    assert gm.balanced_split_k(5, 2, 132) == 1         # 2 K steps: halves of one step are not allowed
+    cfg = gm.default_config(6, 6, num_weights=2, n=2048, k=4096)
+    assert (cfg.split_k, cfg.tile_m, cfg.k_unroll) == (4, 16, 1)
+    cfg = gm.default_config(6, 6, n=4096, k=2048)
+    assert (cfg.split_k, cfg.k_unroll) == (2, 2)
+    assert gm.default_config(8192, 256, n=4096, k=4096).split_k == 1
+    with pytest.raises(ValueError, match="split_k"):
+        gm.Config(split_k=0)

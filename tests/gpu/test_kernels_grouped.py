@@ -59,6 +59,10 @@ CASES = [
     (50, [3, 0, 40, 1], (4, 128, 512), gm.Config(tile_m=32, num_stages=2)),    # 6 tail rows (sum 44 < 50)
     (45, [7, 0, 1, 30, 0, 2, 0, 0], (8, 256, 512), gm.Config(tile_m=16, num_stages=2, natural_k=True)),
     (700, [255, 1, 0, 300, 100, 0, 0, 20], (8, 384, 1024), gm.Config(tile_m=128, num_stages=2, natural_k=True)),
+    # K split into fp32 partials (4 units of one step / 2 units of 2 steps, the latter two steps per wait)
+    (1, [0, 1, 0, 0], (4, 128, 1024), gm.Config(tile_m=8, num_stages=2, split_k=4)),
+    (45, [7, 0, 1, 30, 0, 2, 0, 0], (8, 256, 1024), gm.Config(tile_m=16, num_stages=3, split_k=2, k_unroll=2)),
+    (50, [3, 0, 40, 1], (4, 128, 512), gm.Config(tile_m=32, num_stages=2, k_unroll=2)),
 ]
 
 
