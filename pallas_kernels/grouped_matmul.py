@@ -274,9 +274,10 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
             for st in release_after:
                 plgpu.barrier_arrive(x_free.at[st % stages])
 
-        def item_body(loop_info: plgpu.NDLoopInfo, carry):
-            carry_all, carry_mm = carry
-            (lin,) = loop_info.index
+        def unit(lin, warp=False):
+            """Work unit lin = (item, 128-row N tile, K part): its fields, the same in every warpgroup.
+            warp: inside a warp_map (no pl.multiple_of hints there; the TMA offsets are dynamic either way)."""
+            aligned = (lambda v: v) if warp else (lambda v: pl.multiple_of(v, 8))
             item = lin // (n_tiles * split)
             ni = lin // split % n_tiles
             k_base = lin % split * k_iters      # first K step of this unit
@@ -286,16 +287,26 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 # handful of rows with distinct groups (the k experts of one decode token) this skips sorting
                 # the rows and un-sorting the result, and building a work list (~14 small launches per layer).
                 gi = jnp.clip(items_gmem[0, jnp.minimum(item, dims.m - 1)], 0, dims.e - 1)
-                load_start = pl.multiple_of(item // 8 * 8, 8)
+                load_start = aligned(item // 8 * 8)
                 offset = item % 8
                 size = jnp.int32(1)
             else:
                 gi = items_gmem[0, item]
-                load_start = pl.multiple_of(items_gmem[1, item], 8)
+                load_start = aligned(items_gmem[1, item])
                 offset = items_gmem[2, item]
                 size = items_gmem[3, item]
-            has_mm = valid & (gi >= 0)
-            g = jnp.maximum(gi, 0)
+            return dict(lin=lin, ni=ni, k_base=k_base, valid=valid, has_mm=valid & (gi >= 0), g=jnp.maximum(gi, 0),
+                        load_start=load_start, offset=offset, size=size)
+
+        # The memory warps each run their own loop over the units (not one shared loop): a warp_map ends with a
+        # warpgroup barrier, so one shared loop would hold the weight loader at every unit boundary until the
+        # storer has stored the unit, and each unit would pay the pipeline fill (HBM latency) again.
+        total_units = n_items * n_tiles * split
+
+        def compute_body(loop_info: plgpu.NDLoopInfo, carry):
+            carry_all = carry          # valid units this SM has computed before this one
+            u = unit(loop_info.index[0])
+            ni, valid, has_mm, g = u["ni"], u["valid"], u["has_mm"], u["g"]
             wg = lax.axis_index("wg")
 
             @pl.when(valid & (wg < _COMPUTE_WGS))
@@ -356,15 +367,31 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(o_bar)
 
-            @pl.when(valid & (wg == _COMPUTE_WGS))
-            def _memory_wg():
-                plgpu.set_max_registers(40, action="decrease")
+            return carry_all + valid.astype(jnp.int32)
 
-                @plgpu.warp_map
-                def _warps(warp_id):
-                    @pl.when((warp_id == 0) & has_mm)
-                    def _w_loader():
+        wg = lax.axis_index("wg")
 
+        @pl.when(wg < _COMPUTE_WGS)
+        def _compute_wgs():
+            n_all = plgpu.nd_loop((total_units,), collective_axes="sm", init_carry=jnp.int32(0))(compute_body)
+
+            # Observe the last completion of every "free" barrier, so that each thread has waited on every phase
+            # (the interpreter checks this; on the GPU it also orders the exit after the last stores).
+            pl.when(n_all > 0)(lambda: plgpu.barrier_wait(o_free))
+
+        @pl.when(wg == _COMPUTE_WGS)
+        def _memory_wg():
+            plgpu.set_max_registers(40, action="decrease")
+
+            @plgpu.warp_map
+            def _warps(warp_id):
+                def w_loader(loop_info, carry):
+                    carry_mm = carry       # units with a matmul this warp has loaded before
+                    u = unit(loop_info.index[0], warp=True)
+                    ni, k_base, g = u["ni"], u["k_base"], u["g"]
+
+                    @pl.when(u["has_mm"])
+                    def _():
                         @pl.loop(0, k_iters)
                         def _(ki):
                             si = lax.rem(ki, stages)
@@ -381,8 +408,15 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                                                       pl.ds((k_base + ki) * (tk // 16), tk // 16)],
                                         s_smem.at[si, slot], w_bar.at[si])
 
-                    @pl.when((warp_id == 1) & has_mm)
-                    def _x_loader():
+                    return carry_mm + u["has_mm"].astype(jnp.int32)
+
+                def x_loader(loop_info, carry):
+                    carry_mm = carry
+                    u = unit(loop_info.index[0], warp=True)
+                    k_base, load_start, offset, size = u["k_base"], u["load_start"], u["offset"], u["size"]
+
+                    @pl.when(u["has_mm"])
+                    def _():
                         need = offset + size
 
                         @pl.loop(0, k_iters)
@@ -401,8 +435,14 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                                 return lax.cond(need <= p, copy(p), lambda: ladder(2 * p))
                             ladder(min(8, tm))
 
-                    @pl.when(warp_id == 2)
-                    def _storer():
+                    return carry_mm + u["has_mm"].astype(jnp.int32)
+
+                def storer(loop_info, carry):
+                    u = unit(loop_info.index[0], warp=True)
+                    lin, ni, load_start, offset, size = u["lin"], u["ni"], u["load_start"], u["offset"], u["size"]
+
+                    @pl.when(u["valid"])
+                    def _():
                         plgpu.barrier_wait(o_bar)
                         if split > 1:
                             dst = o_gmem.at[lin % split]
@@ -414,28 +454,21 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                         _ragged_store(o_smem, dst, cols, load_start, offset, size, tm, dims.m)
                         plgpu.barrier_arrive(o_free)
 
-            return carry_all + valid.astype(jnp.int32), carry_mm + has_mm.astype(jnp.int32)
+                    return carry
 
-        n_all, n_mm = plgpu.nd_loop((n_items * n_tiles * split,), collective_axes="sm",
-                                    init_carry=(jnp.int32(0), jnp.int32(0)))(item_body)
+                for wid, loader, bar in ((0, w_loader, w_free), (1, x_loader, x_free)):
+                    @pl.when(warp_id == wid)
+                    def _(loader=loader, bar=bar):
+                        n_mm = plgpu.nd_loop((total_units,), collective_axes="sm", init_carry=jnp.int32(0))(loader)
 
-        # Observe the last completion of every "free" barrier, so that each thread has waited on every phase
-        # (the interpreter checks this; on the GPU it also orders the exit after the last stores).
-        wg = lax.axis_index("wg")
+                        @pl.when(n_mm > 0)
+                        def _():
+                            for st in range(stages):
+                                plgpu.barrier_wait(bar.at[st])
 
-        @pl.when((wg < _COMPUTE_WGS) & (n_all > 0))
-        def _():
-            plgpu.barrier_wait(o_free)
-
-        @pl.when(wg == _COMPUTE_WGS)
-        def _():
-            @plgpu.warp_map
-            def _(warp_id):
-                for wid, bar in ((0, w_free), (1, x_free)):
-                    @pl.when((warp_id == wid) & (n_mm > 0))
-                    def _(bar=bar):
-                        for st in range(stages):
-                            plgpu.barrier_wait(bar.at[st])
+                @pl.when(warp_id == 2)
+                def _():
+                    plgpu.nd_loop((total_units,), collective_axes="sm", init_carry=jnp.int32(0))(storer)
 
     # Weight tiles are kept per (weight, warpgroup) slot of 64 rows: an int4 view of SMEM can only be sliced at
     # static row offsets, and the two views (uint8 for the TMA, int4 for the register load) alias the same bytes.
