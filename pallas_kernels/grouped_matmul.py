@@ -276,8 +276,9 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
         def unit(lin, warp=False):
             """Work unit lin = (item, 128-row N tile, K part): its fields, the same in every warpgroup.
-            warp: inside a warp_map (no pl.multiple_of hints there; the TMA offsets are dynamic either way)."""
-            aligned = (lambda v: v) if warp else (lambda v: pl.multiple_of(v, 8))
+            warp: inside a warp_map, where pl.multiple_of does not lower: the row offset is written v // 8 * 8
+            instead (same value, the work list's offsets are multiples of 8), which layout inference can prove."""
+            aligned = (lambda v: v // 8 * 8) if warp else (lambda v: pl.multiple_of(v, 8))
             item = lin // (n_tiles * split)
             ni = lin // split % n_tiles
             k_base = lin % split * k_iters      # first K step of this unit
@@ -287,7 +288,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 # handful of rows with distinct groups (the k experts of one decode token) this skips sorting
                 # the rows and un-sorting the result, and building a work list (~14 small launches per layer).
                 gi = jnp.clip(items_gmem[0, jnp.minimum(item, dims.m - 1)], 0, dims.e - 1)
-                load_start = aligned(item // 8 * 8)
+                load_start = pl.multiple_of(item // 8 * 8, 8) if not warp else item // 8 * 8
                 offset = item % 8
                 size = jnp.int32(1)
             else:
