@@ -16,7 +16,11 @@ Structure (per CTA, persistent over the SMs; tokamax's sm90 quantized kernel has
   XLA: cheap while x is small, i.e. decode) or relayouts the packed codes first and keeps K in order (prefill);
   `Config.natural_k`, chosen by `default_config`;
 - one memory warpgroup: warp 0 streams W and its scales, warp 1 the activation rows of the group (a power-of-two
-  number of rows, so small groups read little), warp 2 stores the transposed result rows with TMA.
+  number of rows, so small groups read little), warp 2 stores the transposed result rows with TMA. Each warp
+  loops over the SM's work units on its own, so the loaders run ahead into the next unit while the compute
+  warpgroups finish the current one.
+- work units: (item, 128-row N tile, K part); `Config.split_k` > 1 splits K over several units (decode sizes,
+  to balance the SMs) and the kernel then writes fp32 partial sums that XLA adds.
 - The work list (group, rows) is computed in XLA from `group_sizes` before the launch, compacted so that only
   groups with rows are visited; rows past sum(group_sizes) get explicit zero items.
 
