@@ -292,7 +292,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 # handful of rows with distinct groups (the k experts of one decode token) this skips sorting
                 # the rows and un-sorting the result, and building a work list (~14 small launches per layer).
                 gi = jnp.clip(items_gmem[0, jnp.minimum(item, dims.m - 1)], 0, dims.e - 1)
-                load_start = pl.multiple_of(item // 8 * 8, 8) if not warp else item // 8 * 8
+                load_start = aligned(item // 8 * 8)
                 offset = item % 8
                 size = jnp.int32(1)
             else:
@@ -339,11 +339,9 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                                         w_u8.at[si, slot], w_i4.at[si, slot], s_smem.at[si, slot], variant,
                                         cfg.natural_k, interpret)))
                                 plgpu.barrier_arrive(w_free.at[si])
-                            waited = set()
                             for n, (si, j, a_op) in enumerate(a_ops):
-                                if n // nw not in waited:
+                                if j == 0:      # the step's first tile: its activation slot must have landed
                                     plgpu.barrier_wait(x_bar.at[si])
-                                    waited.add(n // nw)
                                 if interpret:   # the interpreter's wgmma takes its A operand from SMEM only
                                     a_smem[0].at[wg, n][...] = a_op
                                     a_op = a_smem[0].at[wg, n]
