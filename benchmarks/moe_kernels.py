@@ -149,10 +149,14 @@ def grouped(res, tokens, baselines: bool, n_routings: int = 3):
     res["grouped"] = rows
 
 
-SWEEP = {    # (tile_m, num_stages, natural_k)
-    64: [(32, 5, False), (32, 5, True)],
-    256: [(16, 6, False), (16, 6, True)],
-    8192: [(128, 2, True), (64, 3, True)],
+# Frozen configs per T (Config fields), to pick `default_config`. T = 64 and 256 ask whether larger row tiles pay
+# for themselves on the skewed load: at 16 rows an expert with 25 rows takes two items and streams its weights
+# twice (T = 64: 4-5% more weight bytes than touched; T = 256: 40-45%; 32 rows: 0% / 9-11%, 64 rows: 0% / 1%).
+SWEEP = {
+    64: [dict(tile_m=16, num_stages=6, k_unroll=2, compute_wgs=2), dict(tile_m=16, num_stages=6, k_unroll=2, compute_wgs=4),
+         dict(tile_m=32, num_stages=5, k_unroll=2, compute_wgs=2), dict(tile_m=32, num_stages=5, k_unroll=2, compute_wgs=4)],
+    256: [dict(tile_m=16, num_stages=6, k_unroll=2, compute_wgs=4), dict(tile_m=32, num_stages=5, k_unroll=2),
+          dict(tile_m=32, num_stages=5, k_unroll=2, compute_wgs=4), dict(tile_m=64, num_stages=3)],
 }
 
 
@@ -169,12 +173,13 @@ def sweep(res):
             idx, _ = routing(t, seed=100 * t + r)
             x = jax.random.normal(jax.random.PRNGKey(r), (m, k), jnp.float32).astype(jnp.bfloat16)
             sets.append((x, jnp.asarray(group_sizes_of(idx)), w))
-        for c in cfgs:
-            cfg = gm.Config(tile_m=c[0], num_stages=c[1], natural_k=c[2])
+        for c in [None, *cfgs]:           # None: default_config
+            cfg = gm.Config(**c) if c is not None else None
             f = jax.jit(lambda x, gs, w, cfg=cfg: gm.grouped_linear(x, w, gs, config=cfg))
             ms = safe(measure, f, *sets)
-            out.append(dict(T=t, config=str(cfg), ms=ms))
-            print("sweep", t, cfg, ms, flush=True)
+            name = str(cfg) if cfg is not None else f"default {gm.default_config(m, EXPERTS, n=n, k=k)}"
+            out.append(dict(T=t, config=name, ms=ms))
+            print("sweep", t, name, ms, flush=True)
     res["sweep"] = out
 
 

@@ -54,19 +54,30 @@ def main():
     print("out", out.shape, float(jnp.abs(out.astype(jnp.float32)).mean()))
 
 
-_CONFIG_VARIANTS = {"overlap": dict(overlap_mma=True), "nosplit": dict(split_k=1), "unroll1": dict(k_unroll=1)}
+_CONFIG_VARIANTS = {"overlap": dict(overlap_mma=True), "nosplit": dict(split_k=1), "unroll1": dict(k_unroll=1),
+                    "wg2": dict(compute_wgs=2), "wg4": dict(compute_wgs=4), "wg4_nosplit": dict(compute_wgs=4, split_k=1),
+                    "split2x": lambda c: dict(split_k=_doubled_split(c))}
+
+
+def _doubled_split(cfg):
+    """Twice the default K split where the unit's K steps allow it (>= 2 steps per unit; split <= 8)."""
+    return cfg.split_k * 2 if cfg.split_k > 1 and cfg.split_k <= 4 else cfg.split_k
 
 
 def _set_variant(variant):
     """default; sorted (rows always sorted by expert); rows16 (one-row items in 16-row tiles); overlap (the
-    SwiGLU kernel's pipelined K loop, Config.overlap_mma); nosplit (Config.split_k = 1); unroll1 (k_unroll = 1)."""
+    SwiGLU kernel's pipelined K loop, Config.overlap_mma); nosplit (Config.split_k = 1); unroll1 (k_unroll = 1);
+    wg2 / wg4 (Config.compute_wgs); wg4_nosplit (four compute warpgroups, no K split); split2x (twice the
+    default K split where it is > 1)."""
     if variant not in ("default", "sorted", "rows16", *_CONFIG_VARIANTS):
         raise ValueError(f"unknown variant {variant!r}")
     fused_moe.ROWS_MODE_MAX_ROWS = 0 if variant == "sorted" else _DEFAULTS[0]
     fused_moe.ROWS_TILE_M = 16 if variant == "rows16" else _DEFAULTS[1]
     change = _CONFIG_VARIANTS.get(variant)
-    gm.default_config = ((lambda *a, **k: dataclasses.replace(_DEFAULTS[2](*a, **k), **change))
-                         if change else _DEFAULTS[2])
+    def changed(*a, **k):
+        cfg = _DEFAULTS[2](*a, **k)
+        return dataclasses.replace(cfg, **(change(cfg) if callable(change) else change))
+    gm.default_config = changed if change else _DEFAULTS[2]
 
 
 _DEFAULTS = (fused_moe.ROWS_MODE_MAX_ROWS, fused_moe.ROWS_TILE_M, gm.default_config)

@@ -46,9 +46,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import nvfp4_decode
 
-_COMPUTE_WGS = 2
+_ROW_SLOTS = 2                      # 64-row weight slices per CTA tile (each owned by 1 or 2 compute warpgroups)
 _WG_ROWS = 64                       # weight rows per compute warpgroup (wgmma M)
-_CTA_ROWS = _COMPUTE_WGS * _WG_ROWS
+_CTA_ROWS = _ROW_SLOTS * _WG_ROWS
 _TILE_K = 256                       # 128 B of packed codes and 16 B of scales per row per step (TMA minimum)
 _WGMMA = plgpu.Layout.WGMMA
 _WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
@@ -75,6 +75,10 @@ class Config:
       units balance the SMs when there are few rows (decode of one token: 96 gate/up units for 132 SMs); the
       kernel then writes fp32 partial sums [split_k, M, N] (both weights side by side for SwiGLU) and XLA adds
       them (and applies SwiGLU) in one small fusion.
+    compute_wgs: 2 (each compute warpgroup owns 64 weight rows of the 128-row tile and all of K) or 4 (two per
+      64 rows, each decoding one 128-column half of every K step into its own accumulator; the pair adds them
+      through SMEM before the epilogue). Four give each SM sub-partition two decoding warps instead of one pair
+      to hide the decode's latency, at about half the registers per thread (decode sizes: small accumulators).
     """
     tile_m: int = 64
     num_stages: int = 4
@@ -82,6 +86,7 @@ class Config:
     overlap_mma: bool = False
     k_unroll: int = 1
     split_k: int = 1
+    compute_wgs: int = 2
 
     def __post_init__(self):
         if self.tile_m < 8 or self.tile_m > 256 or self.tile_m & (self.tile_m - 1):
@@ -92,6 +97,11 @@ class Config:
             raise ValueError(f"k_unroll must be 1 or 2, got {self.k_unroll}")
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+        if self.compute_wgs not in (2, 4):
+            raise ValueError(f"compute_wgs must be 2 or 4, got {self.compute_wgs}")
+        if self.compute_wgs == 4 and (self.natural_k or self.overlap_mma):
+            raise ValueError("compute_wgs=4 decodes K halves of the permuted-K operand: natural_k and overlap_mma "
+                             "must be off")
 
 
 def default_config(m: int, num_groups: int, num_weights: int = 1, n: int | None = None,
@@ -119,6 +129,10 @@ def default_config(m: int, num_groups: int, num_weights: int = 1, n: int | None 
         # Few rows per group: about one item per touched group (at most min(m, groups) of them).
         units = min(m, num_groups) * (n // _CTA_ROWS)
         cfg = dataclasses.replace(cfg, split_k=balanced_split_k(units, k // _TILE_K, _num_sms()))
+    if cfg.tile_m <= 16 and not natural_k:
+        # Small accumulators leave room for four decoding warpgroups (RESULTS.md, 2026-12-02, session 7: one
+        # layer's routed experts -5% at T = 1, -3% at T = 2, -2% at T = 64, even at T = 8).
+        cfg = dataclasses.replace(cfg, compute_wgs=4)
     return dataclasses.replace(cfg, natural_k=natural_k)
 
 
@@ -222,6 +236,12 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
     # serialises them either way (C7512 "insufficient register resources" with whole tiles, C7513 "non wgmma
     # instructions defining input registers" with halves), so the one-weight kernel keeps the plain loop.
     overlap = cfg.overlap_mma and stages >= 3 and nw == 2
+    epilogue_kind = epilogue
+    cwgs = cfg.compute_wgs              # compute warpgroups; 4: two per 64-row slot, one per K half
+    halves = cwgs // _ROW_SLOTS
+    # setmaxnreg: the register file (64K) is shared by cwgs + 1 warpgroups; 640 threads launch with at most 96
+    # registers each (61440), so 4 x 128 x 104 + 128 x 40 = 58368 fits where 112 would not.
+    compute_regs, memory_regs = (232, 40) if cwgs == 2 else (104, 40)
     unroll = cfg.k_unroll if (nw == 1 and k_iters % cfg.k_unroll == 0 and stages >= cfg.k_unroll) else 1
     # With overlap, the activation slot of step s is released once all of its P wgmma groups (tiles) are done:
     # after the wait that precedes tile n = ki * P + q of a later step, every tile <= n - 2 is done, which
@@ -239,7 +259,9 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         rs_gmems = refs[2 * nw:3 * nw]
         rest = refs[3 * nw:]
         o_gmem, scratch = rest[0], rest[1:]
-        (x_smem, w_smem, s_smem, o_smem, x_bar, w_bar, o_bar, x_free, w_free, o_free, *a_smem) = scratch
+        (x_smem, w_smem, s_smem, o_smem, x_bar, w_bar, o_bar, x_free, w_free, o_free, *extra) = scratch
+        a_red = extra[:3] if halves == 2 else None          # K-half sums: SMEM, ready and free barriers
+        a_smem = extra[3:] if halves == 2 else extra        # interpret mode: wgmma A operands in SMEM
         if interpret:
             w_u8 = w_i4 = w_smem
         else:
@@ -259,7 +281,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                         done_step = ki + release_at[q]
                         pl.when(done_step >= 0)(lambda d=done_step: plgpu.barrier_arrive(
                             x_free.at[lax.rem(d + stages, stages)]))
-                    slot = j * _COMPUTE_WGS + wg
+                    slot = j * _ROW_SLOTS + wg
                     a_op = _decode_operand(w_u8.at[si, slot], w_i4.at[si, slot], s_smem.at[si, slot], variant,
                                            cfg.natural_k, interpret, k_half=hf)
                     if q == tiles_per_step - 1:
@@ -308,83 +330,120 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         # storer has stored the unit, and each unit would pay the pipeline fill (HBM latency) again.
         total_units = n_items * n_tiles * split
 
+        def k_loop(accs, rs, kh):
+            """The K loop of one compute warpgroup: rows slot rs (dynamic), K half kh (static; None: all of K)."""
+            xcols = slice(None) if kh is None else pl.ds(kh * (tk // 2), tk // 2)
+
+            @pl.loop(0, k_iters // unroll)
+            def _k_loop(kk):
+                # Decode every tile of the iteration's steps, then issue their wgmmas, then wait once.
+                sis = [lax.rem(kk * unroll + u, stages) for u in range(unroll)]
+                a_ops = []      # (stage slot, weight, operand), in K order per weight
+                for si in sis:
+                    plgpu.barrier_wait(w_bar.at[si])
+                    for j in range(nw):
+                        slot = j * _ROW_SLOTS + rs      # this warpgroup's 64 rows of weight j
+                        a_ops.append((si, j, _decode_operand(
+                            w_u8.at[si, slot], w_i4.at[si, slot], s_smem.at[si, slot], variant,
+                            cfg.natural_k, interpret, k_half=kh)))
+                    plgpu.barrier_arrive(w_free.at[si])
+                for n, (si, j, a_op) in enumerate(a_ops):
+                    if j == 0:      # the step's first tile: its activation slot must have landed
+                        plgpu.barrier_wait(x_bar.at[si])
+                    if interpret:   # the interpreter's wgmma takes its A operand from SMEM only
+                        a_buf = a_smem[0].at[wg_index(), n, :, xcols]
+                        a_buf[...] = a_op
+                        a_op = a_buf
+                    plgpu.wgmma(accs[j], a_op, x_smem.at[si, :, xcols].T)
+                plgpu.wgmma_wait(0)
+                for si in sis:
+                    plgpu.barrier_arrive(x_free.at[si])
+
+        def wg_index():
+            return lax.axis_index("wg")
+
         def compute_body(loop_info: plgpu.NDLoopInfo, carry):
             carry_all = carry          # valid units this SM has computed before this one
             u = unit(loop_info.index[0])
             ni, valid, has_mm, g = u["ni"], u["valid"], u["has_mm"], u["g"]
-            wg = lax.axis_index("wg")
+            wg = wg_index()
+            rs = lax.rem(wg, _ROW_SLOTS)       # the 64 weight rows of this warpgroup
+            kh = wg // _ROW_SLOTS              # its K half (0 with two compute warpgroups: all of K)
 
-            @pl.when(valid & (wg < _COMPUTE_WGS))
+            @pl.when(valid & (wg < cwgs))
             def _compute_wg():
-                plgpu.set_max_registers(232, action="increase")
-                wg_rows = pl.ds(wg * _WG_ROWS, _WG_ROWS)
+                plgpu.set_max_registers(compute_regs, action="increase")
 
                 def acc_scope(*accs):
                     if overlap:
                         pl.when(has_mm)(lambda: _pipelined_k_loop(accs, wg))
-                        return tuple(a[...] for a in accs)
-
-                    @pl.when(has_mm)
-                    def _():
-                        @pl.loop(0, k_iters // unroll)
-                        def _k_loop(kk):
-                            # Decode every tile of the iteration's steps, then issue their wgmmas, then wait once.
-                            sis = [lax.rem(kk * unroll + u, stages) for u in range(unroll)]
-                            a_ops = []      # (stage slot, weight, operand), in K order per weight
-                            for si in sis:
-                                plgpu.barrier_wait(w_bar.at[si])
-                                for j in range(nw):
-                                    slot = j * _COMPUTE_WGS + wg      # this warpgroup's 64 rows of weight j
-                                    a_ops.append((si, j, _decode_operand(
-                                        w_u8.at[si, slot], w_i4.at[si, slot], s_smem.at[si, slot], variant,
-                                        cfg.natural_k, interpret)))
-                                plgpu.barrier_arrive(w_free.at[si])
-                            for n, (si, j, a_op) in enumerate(a_ops):
-                                if j == 0:      # the step's first tile: its activation slot must have landed
-                                    plgpu.barrier_wait(x_bar.at[si])
-                                if interpret:   # the interpreter's wgmma takes its A operand from SMEM only
-                                    a_smem[0].at[wg, n][...] = a_op
-                                    a_op = a_smem[0].at[wg, n]
-                                plgpu.wgmma(accs[j], a_op, x_smem.at[si].T)
-                            plgpu.wgmma_wait(0)
-                            for si in sis:
-                                plgpu.barrier_arrive(x_free.at[si])
+                    elif halves == 1:
+                        pl.when(has_mm)(lambda: k_loop(accs, rs, None))
+                    else:
+                        for h in range(halves):
+                            pl.when(has_mm & (kh == h))(lambda h=h: k_loop(accs, rs, h))
                     return tuple(a[...] for a in accs)
 
                 accs = pl.run_scoped(acc_scope, *[plgpu.ACC((_WG_ROWS, tm))] * nw)
-                n0 = ni * _CTA_ROWS + wg * _WG_ROWS
-                scaled = []
-                for j in range(nw):
-                    scaled.append(accs[j] * _row_scale(rs_gmems[j], g, n0, tm, dims, epi_fold, interpret))
-                if split > 1:     # fp32 partial sums of every weight; the caller reduces (and applies SwiGLU)
-                    outs = scaled
-                elif epilogue == "swiglu":
-                    outs = [_swiglu(scaled[0], scaled[1], limit)]
-                else:
-                    outs = [scaled[0]]
-                # Zero-tail items ran no wgmma: the accumulator is still zero, and so is `out`.
-                pl.when(carry_all > 0)(lambda: plgpu.barrier_wait(o_free))
-                for j, out in enumerate(outs):
-                    o_smem.at[j * _COMPUTE_WGS + wg].T[...] = plgpu.layout_cast(
-                        out.astype(o_smem.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
-                plgpu.commit_smem()
-                plgpu.barrier_arrive(o_bar)
+
+                def epilogue(accs):
+                    n0 = ni * _CTA_ROWS + rs * _WG_ROWS
+                    scaled = []
+                    for j in range(nw):
+                        scaled.append(accs[j] * _row_scale(rs_gmems[j], g, n0, tm, dims, epi_fold, interpret))
+                    if split > 1:     # fp32 partial sums of every weight; the caller reduces (and applies SwiGLU)
+                        outs = scaled
+                    elif epilogue_kind == "swiglu":
+                        outs = [_swiglu(scaled[0], scaled[1], limit)]
+                    else:
+                        outs = [scaled[0]]
+                    # Zero-tail items ran no wgmma: the accumulator is still zero, and so is `out`.
+                    pl.when(carry_all > 0)(lambda: plgpu.barrier_wait(o_free))
+                    for j, out in enumerate(outs):
+                        o_smem.at[j * _ROW_SLOTS + rs].T[...] = plgpu.layout_cast(
+                            out.astype(o_smem.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+                    plgpu.commit_smem()
+                    plgpu.barrier_arrive(o_bar)
+
+                if halves == 1:
+                    epilogue(accs)
+                    return
+                red_smem, red_bar, red_free = a_red
+
+                @pl.when(kh == 1)       # the second K half hands its sums to the first
+                def _():
+                    pl.when(carry_all > 0)(lambda: plgpu.barrier_wait(red_free.at[rs]))
+                    for j in range(nw):
+                        red_smem.at[j * _ROW_SLOTS + rs][...] = accs[j]
+                    plgpu.barrier_arrive(red_bar.at[rs])
+
+                @pl.when(kh == 0)
+                def _():
+                    plgpu.barrier_wait(red_bar.at[rs])
+                    total = [accs[j] + red_smem.at[j * _ROW_SLOTS + rs][...] for j in range(nw)]
+                    plgpu.barrier_arrive(red_free.at[rs])
+                    epilogue(total)
 
             return carry_all + valid.astype(jnp.int32)
 
-        wg = lax.axis_index("wg")
+        wg = wg_index()
 
-        @pl.when(wg < _COMPUTE_WGS)
+        @pl.when(wg < cwgs)
         def _compute_wgs():
             n_all = plgpu.nd_loop((total_units,), collective_axes="sm", init_carry=jnp.int32(0))(compute_body)
 
             # Observe the last completion of every "free" barrier, so that each thread has waited on every phase
             # (the interpreter checks this; on the GPU it also orders the exit after the last stores).
-            pl.when(n_all > 0)(lambda: plgpu.barrier_wait(o_free))
+            if halves == 1:
+                pl.when(n_all > 0)(lambda: plgpu.barrier_wait(o_free))
+            else:
+                rs, kh = lax.rem(wg, _ROW_SLOTS), wg // _ROW_SLOTS
+                pl.when((n_all > 0) & (kh == 0))(lambda: plgpu.barrier_wait(o_free))
+                pl.when((n_all > 0) & (kh == 1))(lambda: plgpu.barrier_wait(a_red[2].at[rs]))
 
-        @pl.when(wg == _COMPUTE_WGS)
+        @pl.when(wg == cwgs)
         def _memory_wg():
-            plgpu.set_max_registers(40, action="decrease")
+            plgpu.set_max_registers(memory_regs, action="decrease")
 
             @plgpu.warp_map
             def _warps(warp_id):
@@ -400,9 +459,9 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                             si = lax.rem(ki, stages)
                             pl.when((ki >= stages) | (carry_mm > 0))(lambda: plgpu.barrier_wait(w_free.at[si]))
                             for j in range(nw):
-                                for h in range(_COMPUTE_WGS):
+                                for h in range(_ROW_SLOTS):
                                     src_rows = pl.ds(ni * _CTA_ROWS + h * _WG_ROWS, _WG_ROWS)
-                                    slot = j * _COMPUTE_WGS + h
+                                    slot = j * _ROW_SLOTS + h
                                     plgpu.copy_gmem_to_smem(
                                         w_gmems[j].at[g, src_rows, pl.ds((k_base + ki) * (tk // 2), tk // 2)],
                                         w_u8.at[si, slot], w_bar.at[si])
@@ -450,10 +509,10 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                         if split > 1:
                             dst = o_gmem.at[lin % split]
                             cols = [j * dims.n + ni * _CTA_ROWS + h * _WG_ROWS for j in range(nw)
-                                    for h in range(_COMPUTE_WGS)]
+                                    for h in range(_ROW_SLOTS)]
                         else:
                             dst = o_gmem
-                            cols = [ni * _CTA_ROWS + h * _WG_ROWS for h in range(_COMPUTE_WGS)]
+                            cols = [ni * _CTA_ROWS + h * _WG_ROWS for h in range(_ROW_SLOTS)]
                         _ragged_store(o_smem, dst, cols, load_start, offset, size, tm, dims.m)
                         plgpu.barrier_arrive(o_free)
 
@@ -475,7 +534,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
     # Weight tiles are kept per (weight, warpgroup) slot of 64 rows: an int4 view of SMEM can only be sliced at
     # static row offsets, and the two views (uint8 for the TMA, int4 for the register load) alias the same bytes.
-    slots = nw * _COMPUTE_WGS
+    slots = nw * _ROW_SLOTS
     if interpret:
         w_scratch = plgpu.SMEM((stages, slots, _WG_ROWS, tk // 2), jnp.uint8)
     else:
@@ -488,13 +547,17 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         _out_smem(dims, tm),                                                          # output rows
         plgpu.Barrier(num_barriers=stages),                                           # x landed
         plgpu.Barrier(num_arrivals=2 * slots, num_barriers=stages),                   # W + scales landed
-        plgpu.Barrier(num_arrivals=_COMPUTE_WGS),                                     # output tile ready
-        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),                # x slot free
-        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),                # W slot free
+        plgpu.Barrier(num_arrivals=_ROW_SLOTS),                                       # output tile ready
+        plgpu.Barrier(num_arrivals=cwgs, num_barriers=stages),                        # x slot free
+        plgpu.Barrier(num_arrivals=cwgs, num_barriers=stages),                        # W slot free
         plgpu.Barrier(),                                                              # output buffer free
     ]
+    if halves == 2:     # the second K half's fp32 sums per (weight, row slot), and their ready / free barriers
+        red = (plgpu.SMEM((slots, _WG_ROWS, tm), jnp.float32) if interpret else
+               _tiled((slots, _WG_ROWS, tm), jnp.float32, swizzle=min(128, tm * 4)))
+        scratch += [red, plgpu.Barrier(num_barriers=_ROW_SLOTS), plgpu.Barrier(num_barriers=_ROW_SLOTS)]
     if interpret:
-        scratch.append(plgpu.SMEM((_COMPUTE_WGS, max(nw, unroll), _WG_ROWS, tk), jnp.bfloat16))
+        scratch.append(plgpu.SMEM((cwgs, max(nw, unroll), _WG_ROWS, tk), jnp.bfloat16))
     return kernel, scratch
 
 
@@ -543,8 +606,8 @@ def _swiglu(g, u, limit):
 def _out_smem(dims: _Dims, tm: int):
     """The output tiles [slot, tm, 64], one per (weight, warpgroup) with split_k (fp32), else per warpgroup."""
     if dims.split_k > 1:
-        return plgpu.SMEM((dims.num_weights * _COMPUTE_WGS, tm, _WG_ROWS), jnp.float32)
-    return plgpu.SMEM((_COMPUTE_WGS, tm, _WG_ROWS), dims.out_dtype, transforms=(plgpu.SwizzleTransform(128),))
+        return plgpu.SMEM((dims.num_weights * _ROW_SLOTS, tm, _WG_ROWS), jnp.float32)
+    return plgpu.SMEM((_ROW_SLOTS, tm, _WG_ROWS), dims.out_dtype, transforms=(plgpu.SwizzleTransform(128),))
 
 
 def _ragged_store(o_smem, o_gmem, col_starts, load_start, offset, size, tm, m):
@@ -697,7 +760,7 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
         scratch_types=scratch,
         grid=(2 if interpret else _num_sms(),),   # interpret mode simulates every thread: keep it small
         grid_names=("sm",),
-        num_threads=_COMPUTE_WGS + 1,
+        num_threads=cfg.compute_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=_interpret_params() if interpret else None,

@@ -86,6 +86,23 @@ def test_fused_moe_pipelined_k_loop_matches_reference():
 
 
 @pytest.mark.parametrize("rows_mode", [True, False])
+def test_fused_moe_four_compute_warpgroups_matches_reference(rows_mode):
+    """Config.compute_wgs=4: both weights' K halves decoded by separate warpgroups, summed through SMEM before
+    SwiGLU (gate/up) and before the row scale (down)."""
+    e, d, i, t, k = 3, 512, 768, 3, 2
+    w1, w3, w2 = _experts(jax.random.PRNGKey(7), e, d, i)
+    x = jax.random.normal(jax.random.PRNGKey(17), (t, d)).astype(jnp.bfloat16)
+    idx = jnp.array([[2, 0], [0, 1], [1, 2]], jnp.int32)
+    tw = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(18), (t, k)), -1)
+    out = fused_moe.moe_experts(x, w1, w3, w2, idx, tw, 3.0, interpret=True, rows_mode=rows_mode,
+                                config=gm.Config(tile_m=8, num_stages=2, compute_wgs=4))
+    ref = np.asarray(fused_moe.reference(x, w1, w3, w2, idx, tw, 3.0, out_dtype=jnp.float32))
+    out = np.asarray(out.astype(jnp.float32))
+    assert out.shape == (t, d) and np.isfinite(out).all()
+    assert np.abs(out - ref).max() <= 2.0 ** -6 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("rows_mode", [True, False])
 def test_fused_moe_split_k_matches_reference(rows_mode):
     """Config.split_k: each (item, N tile) summed by 3 units over thirds of K; the gate/up kernel then writes fp32
     partial gate and up sums and SwiGLU runs after their sum, the down kernel's partials are added likewise."""

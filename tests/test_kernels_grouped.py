@@ -80,6 +80,11 @@ CASES = [
     (13, [6, 0, 7], (3, 128, 1536), gm.Config(tile_m=8, num_stages=3, k_unroll=2), "per_row"),
     # K split over 3 units per tile (fp32 partials added in XLA), each unit 2 steps, unrolled; 3 zero tail rows
     (16, [1, 0, 12], (3, 256, 1536), gm.Config(tile_m=8, num_stages=2, k_unroll=2, split_k=3), "w4a4"),
+    # four compute warpgroups (two per 64 rows, one per K half, summed through SMEM), over several units per SM
+    # (the pair's ready/free barriers wrap), with unrolled steps, and with fp32 partials of a K split
+    (29, [3, 0, 17, 9], (4, 256, 512), gm.Config(tile_m=8, num_stages=2, compute_wgs=4), "per_row"),
+    (13, [6, 0, 7], (3, 128, 1024), gm.Config(tile_m=16, num_stages=2, k_unroll=2, compute_wgs=4), "w4a4"),
+    (9, [0, 9, 0], (3, 256, 1024), gm.Config(tile_m=8, num_stages=2, split_k=2, compute_wgs=4), "w4a16"),
 ]
 
 
@@ -132,9 +137,14 @@ def test_split_k_policy_balances_decode_sizes():
     assert gm.balanced_split_k(768, 16, 132) == 1      # 8 tokens: already ~6 even waves
     assert gm.balanced_split_k(5, 2, 132) == 1         # 2 K steps: halves of one step are not allowed
     cfg = gm.default_config(6, 6, num_weights=2, n=2048, k=4096)
-    assert (cfg.split_k, cfg.tile_m, cfg.k_unroll) == (4, 16, 1)
+    assert (cfg.split_k, cfg.tile_m, cfg.k_unroll, cfg.compute_wgs) == (4, 16, 1, 4)
     cfg = gm.default_config(6, 6, n=4096, k=2048)
-    assert (cfg.split_k, cfg.k_unroll) == (2, 2)
-    assert gm.default_config(8192, 256, n=4096, k=4096).split_k == 1
+    assert (cfg.split_k, cfg.k_unroll, cfg.compute_wgs) == (2, 2, 4)
+    cfg = gm.default_config(8192, 256, n=4096, k=4096)
+    assert (cfg.split_k, cfg.compute_wgs, cfg.natural_k) == (1, 2, True)
     with pytest.raises(ValueError, match="split_k"):
         gm.Config(split_k=0)
+    with pytest.raises(ValueError, match="compute_wgs"):
+        gm.Config(compute_wgs=3)
+    with pytest.raises(ValueError, match="natural_k"):
+        gm.Config(compute_wgs=4, natural_k=True)

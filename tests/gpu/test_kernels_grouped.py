@@ -66,6 +66,23 @@ CASES = [
 ]
 
 
+# Four compute warpgroups (two per 64 weight rows, one per K half, summed through SMEM before the epilogue)
+CASES_FOUR_WGS = [
+    (1, [0, 1, 0, 0], (4, 128, 256), gm.Config(tile_m=8, num_stages=1, compute_wgs=4)),
+    (45, [7, 0, 1, 30, 0, 2, 0, 0], (8, 256, 512), gm.Config(tile_m=16, num_stages=3, compute_wgs=4)),
+    (50, [3, 0, 40, 1], (4, 128, 1024), gm.Config(tile_m=32, num_stages=4, k_unroll=2, compute_wgs=4)),
+    (300, [0, 130, 1, 9, 0, 64, 77, 19], (8, 256, 1024), gm.Config(tile_m=64, num_stages=3, compute_wgs=4)),
+    (45, [7, 0, 1, 30, 0, 2, 0, 0], (8, 256, 1024), gm.Config(tile_m=16, num_stages=3, split_k=2, k_unroll=2,
+                                                               compute_wgs=4)),
+]
+
+
+@pytest.mark.parametrize("m,sizes,shape,cfg", CASES_FOUR_WGS)
+@pytest.mark.parametrize("mode", ["w4a16", "w4a16_per_row", "w4a4"])
+def test_grouped_four_compute_wgs_matches_reference(m, sizes, shape, cfg, mode):
+    test_grouped_matches_reference(m, sizes, shape, cfg, mode)
+
+
 @pytest.mark.parametrize("m,sizes,shape,cfg", CASES)
 @pytest.mark.parametrize("mode", ["w4a16", "w4a16_per_row", "w4a4"])
 def test_grouped_matches_reference(m, sizes, shape, cfg, mode):
