@@ -11,7 +11,9 @@ dequantized weight is ever written to HBM.
 Structure (per CTA, persistent over the SMs; tokamax's sm90 quantized kernel has the same shape):
 - two compute warpgroups, each owning 64 weight rows of the CTA's 128-row N tile: decode W into the wgmma
   register operand A ("swap AB": the weight is the M side, tokens are the N side, so a group with 3 rows costs
-  an M=64 x N=tile_m wgmma, not a 64-row tile), accumulate [64, tile_m] in fp32. The decode either skips the
+  an M=64 x N=tile_m wgmma, not a 64-row tile), accumulate [64, tile_m] in fp32. At decode sizes
+  (`Config.compute_wgs` = 4) two warpgroups share each 64 rows, one per 128-column K half of every step, and
+  add their accumulators through SMEM before the epilogue: twice the decoding warps per SM. The decode either skips the
   register relayout and works on K permuted inside 32-column groups (the activation is permuted to match in
   XLA: cheap while x is small, i.e. decode) or relayouts the packed codes first and keeps K in order (prefill);
   `Config.natural_k`, chosen by `default_config`;
