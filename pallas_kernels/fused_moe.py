@@ -112,8 +112,12 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
 
 
 def _rows_tile(cfg: gm.Config, rows_mode: bool) -> gm.Config:
-    """One-row work items: activation tiles of ROWS_TILE_M rows (default 8, wgmma's narrowest N)."""
-    return dataclasses.replace(cfg, tile_m=ROWS_TILE_M) if rows_mode else cfg
+    """One-row work items: activation tiles of ROWS_TILE_M rows (default 8, wgmma's narrowest N), decoded by four
+    compute warpgroups (the two-weight kernel too: with 8-row tiles it fits 104 registers; -5% at T = 1 and 2,
+    benchmarks/RESULTS.md, 2026-12-02, session 7)."""
+    if not rows_mode:
+        return cfg
+    return dataclasses.replace(cfg, tile_m=ROWS_TILE_M, compute_wgs=4 if ROWS_TILE_M <= 8 else cfg.compute_wgs)
 
 
 def _shared_input_scale(w1, w3):

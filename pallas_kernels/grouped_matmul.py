@@ -135,9 +135,10 @@ def default_config(m: int, num_groups: int, num_weights: int = 1, n: int | None 
         # Few rows per group: about one item per touched group (at most min(m, groups) of them).
         units = min(m, num_groups) * (n // _CTA_ROWS)
         cfg = dataclasses.replace(cfg, split_k=balanced_split_k(units, k // _TILE_K, _num_sms()))
-    if cfg.tile_m <= 16 and not natural_k:
-        # Small accumulators leave room for four decoding warpgroups (RESULTS.md, 2026-12-02, session 7: one
-        # layer's routed experts -5% at T = 1, -3% at T = 2, -2% at T = 64, even at T = 8).
+    if cfg.tile_m <= 16 and not natural_k and num_weights == 1:
+        # Small accumulators leave room for four decoding warpgroups (RESULTS.md, 2026-12-02, session 7: the down
+        # kernel -3% to -6% at T = 1 .. 64). The two-weight kernel with 16-row tiles spills at 104 registers and
+        # was 3-4% slower at T = 8 (equal at T = 64); with 8-row tiles (fused_moe's row items) it gains 5-6%.
         cfg = dataclasses.replace(cfg, compute_wgs=4)
     return dataclasses.replace(cfg, natural_k=natural_k)
 
@@ -306,10 +307,18 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
             for st in release_after:
                 plgpu.barrier_arrive(x_free.at[st % stages])
 
-        def unit(lin, warp=False):
-            """Work unit lin = (item, 128-row N tile, K part): its fields, the same in every warpgroup.
-            warp: inside a warp_map, where pl.multiple_of does not lower: the row offset is written v // 8 * 8
-            instead (same value, the work list's offsets are multiples of 8), which layout inference can prove."""
+        def fetch(lin):
+            """The work-list fields of unit lin (any valid index past the end: the values go unused)."""
+            item = jnp.minimum(lin // (n_tiles * split), n_items - 1)
+            if dims.rows_mode:
+                return (items_gmem[0, item],)
+            return tuple(items_gmem[f, item] for f in range(4))
+
+        def unit(lin, raw, warp=False):
+            """Work unit lin = (item, 128-row N tile, K part): its fields, the same in every warpgroup; raw is
+            fetch(lin). warp: inside a warp_map, where pl.multiple_of does not lower: the row offset is written
+            v // 8 * 8 instead (same value, the work list's offsets are multiples of 8), which layout inference
+            can prove."""
             aligned = (lambda v: v // 8 * 8) if warp else (lambda v: pl.multiple_of(v, 8))
             item = lin // (n_tiles * split)
             ni = lin // split % n_tiles
@@ -319,17 +328,31 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 # Unsorted rows, one work item each: item r = (group of row r, 8 * (r // 8), r % 8, 1). For a
                 # handful of rows with distinct groups (the k experts of one decode token) this skips sorting
                 # the rows and un-sorting the result, and building a work list (~14 small launches per layer).
-                gi = jnp.clip(items_gmem[0, jnp.minimum(item, dims.m - 1)], 0, dims.e - 1)
+                gi = jnp.clip(raw[0], 0, dims.e - 1)
                 load_start = aligned(item // 8 * 8)
                 offset = item % 8
                 size = jnp.int32(1)
             else:
-                gi = items_gmem[0, item]
-                load_start = aligned(items_gmem[1, item])
-                offset = items_gmem[2, item]
-                size = items_gmem[3, item]
+                gi, load_start, offset, size = raw
+                load_start = aligned(load_start)
             return dict(lin=lin, ni=ni, k_base=k_base, valid=valid, has_mm=valid & (gi >= 0), g=jnp.maximum(gi, 0),
                         load_start=load_start, offset=offset, size=size)
+
+        def unit_loop(body, warp=False):
+            """This SM's units in order (nd_loop: lin = sm, sm + num_sms, ...), body(unit fields, carry) -> carry
+            (an int32, from 0). Each unit's work-list fields are read one unit ahead, so that the global-memory
+            latency of the read hides behind the unit before instead of stalling the start of every unit."""
+            sm, num_sms = lax.axis_index("sm"), lax.axis_size("sm")
+
+            def step(info, carry):
+                count, raw = carry
+                lin = info.index[0]
+                ahead = fetch(lin + num_sms)
+                return body(unit(lin, raw, warp), count), ahead
+
+            count, _ = plgpu.nd_loop((total_units,), collective_axes="sm",
+                                     init_carry=(jnp.int32(0), fetch(sm)))(step)
+            return count
 
         # The memory warps each run their own loop over the units (not one shared loop): a warp_map ends with a
         # warpgroup barrier, so one shared loop would hold the weight loader at every unit boundary until the
@@ -368,9 +391,8 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         def wg_index():
             return lax.axis_index("wg")
 
-        def compute_body(loop_info: plgpu.NDLoopInfo, carry):
+        def compute_body(u, carry):
             carry_all = carry          # valid units this SM has computed before this one
-            u = unit(loop_info.index[0])
             ni, valid, has_mm, g = u["ni"], u["valid"], u["has_mm"], u["g"]
             wg = wg_index()
             rs = lax.rem(wg, _ROW_SLOTS)       # the 64 weight rows of this warpgroup
@@ -390,13 +412,12 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                             pl.when(has_mm & (kh == h))(lambda h=h: k_loop(accs, rs, h))
                     return tuple(a[...] for a in accs)
 
+                n0 = ni * _CTA_ROWS + rs * _WG_ROWS
+                row_scales = [_load_row_scale(rs_gmems[j], g, n0, dims, epi_fold, interpret) for j in range(nw)]
                 accs = pl.run_scoped(acc_scope, *[plgpu.ACC((_WG_ROWS, tm))] * nw)
 
                 def epilogue(accs):
-                    n0 = ni * _CTA_ROWS + rs * _WG_ROWS
-                    scaled = []
-                    for j in range(nw):
-                        scaled.append(accs[j] * _row_scale(rs_gmems[j], g, n0, tm, dims, epi_fold, interpret))
+                    scaled = [_apply_row_scale(accs[j], row_scales[j], tm, dims) for j in range(nw)]
                     if split > 1:     # fp32 partial sums of every weight; the caller reduces (and applies SwiGLU)
                         outs = scaled
                     elif epilogue_kind == "swiglu":
@@ -436,7 +457,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
         @pl.when(wg < cwgs)
         def _compute_wgs():
-            n_all = plgpu.nd_loop((total_units,), collective_axes="sm", init_carry=jnp.int32(0))(compute_body)
+            n_all = unit_loop(compute_body)
 
             # Observe the last completion of every "free" barrier, so that each thread has waited on every phase
             # (the interpreter checks this; on the GPU it also orders the exit after the last stores).
@@ -453,9 +474,8 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
             @plgpu.warp_map
             def _warps(warp_id):
-                def w_loader(loop_info, carry):
+                def w_loader(u, carry):
                     carry_mm = carry       # units with a matmul this warp has loaded before
-                    u = unit(loop_info.index[0], warp=True)
                     ni, k_base, g = u["ni"], u["k_base"], u["g"]
 
                     @pl.when(u["has_mm"])
@@ -478,9 +498,8 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
                     return carry_mm + u["has_mm"].astype(jnp.int32)
 
-                def x_loader(loop_info, carry):
+                def x_loader(u, carry):
                     carry_mm = carry
-                    u = unit(loop_info.index[0], warp=True)
                     k_base, load_start, offset, size = u["k_base"], u["load_start"], u["offset"], u["size"]
 
                     @pl.when(u["has_mm"])
@@ -505,8 +524,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
                     return carry_mm + u["has_mm"].astype(jnp.int32)
 
-                def storer(loop_info, carry):
-                    u = unit(loop_info.index[0], warp=True)
+                def storer(u, carry):
                     lin, ni, load_start, offset, size = u["lin"], u["ni"], u["load_start"], u["offset"], u["size"]
 
                     @pl.when(u["valid"])
@@ -527,7 +545,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 for wid, loader, bar in ((0, w_loader, w_free), (1, x_loader, x_free)):
                     @pl.when(warp_id == wid)
                     def _(loader=loader, bar=bar):
-                        n_mm = plgpu.nd_loop((total_units,), collective_axes="sm", init_carry=jnp.int32(0))(loader)
+                        n_mm = unit_loop(loader, warp=True)
 
                         @pl.when(n_mm > 0)
                         def _():
@@ -536,7 +554,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
                 @pl.when(warp_id == 2)
                 def _():
-                    plgpu.nd_loop((total_units,), collective_axes="sm", init_carry=jnp.int32(0))(storer)
+                    unit_loop(storer, warp=True)
 
     # Weight tiles are kept per (weight, warpgroup) slot of 64 rows: an int4 view of SMEM can only be sliced at
     # static row offsets, and the two views (uint8 for the TMA, int4 for the register load) alias the same bytes.
@@ -590,15 +608,23 @@ def _decode_operand(w_u8, w_i4, s_ref, variant, natural_k, interpret, k_half=Non
     return decode(w_i4, s_ref)
 
 
-def _row_scale(rs_gmem, g, n0, tm, dims: _Dims, epi_fold: float, interpret: bool):
-    """fp32 epilogue factor for the warpgroup's 64 weight rows: a [64, tm] broadcast (per-row) or a scalar."""
+def _load_row_scale(rs_gmem, g, n0, dims: _Dims, epi_fold: float, interpret: bool):
+    """fp32 epilogue factor for the warpgroup's 64 weight rows: [64] (per-row, WGMMA row layout) or a scalar.
+    Loaded before the unit's K loop so that its global-memory latency hides behind the loop instead of delaying
+    the epilogue (while the epilogue waits, the pipeline's slots are full and the loaders idle)."""
     if dims.row_scale_per_row:
         if interpret:
             v = lax.dynamic_slice_in_dim(rs_gmem[g], n0, _WG_ROWS)
         else:
             v = plgpu.load(rs_gmem.at[g, pl.ds(n0, _WG_ROWS)], layout=_WGMMA_ROW, optimized=False)
-        return lax.broadcast_in_dim(v * epi_fold, (_WG_ROWS, tm), [0])
+        return v * epi_fold
     return rs_gmem[g, 0] * epi_fold
+
+
+def _apply_row_scale(acc, scale, tm: int, dims: _Dims):
+    if dims.row_scale_per_row:
+        return acc * lax.broadcast_in_dim(scale, (_WG_ROWS, tm), [0])
+    return acc * scale
 
 
 def _swiglu(g, u, limit):

@@ -117,3 +117,17 @@ def test_fused_moe_split_k_matches_reference(rows_mode):
     out = np.asarray(out.astype(jnp.float32))
     assert out.shape == (t, d) and np.isfinite(out).all()
     assert np.abs(out - ref).max() <= 2.0 ** -6 * np.abs(ref).max()
+
+
+def test_decode_configs_of_the_two_kernels():
+    """What the fused path picks at V4-Flash widths (RESULTS.md, session 7): one token's six row items get 8-row
+    tiles, four compute warpgroups and a K split in both kernels; sorted rows (T = 8) keep two compute warpgroups
+    in the two-weight kernel (it spills at 104 registers with 16-row tiles) and four in the down kernel."""
+    from pallas_kernels import grouped_matmul as gm
+    up = fused_moe._rows_tile(gm.default_config(6, 6, num_weights=2, n=2048, k=4096), True)
+    down = fused_moe._rows_tile(gm.default_config(6, 6, n=4096, k=2048), True)
+    assert (up.tile_m, up.compute_wgs, up.split_k) == (8, 4, 4)
+    assert (down.tile_m, down.compute_wgs, down.split_k, down.k_unroll) == (8, 4, 2, 2)
+    up8 = fused_moe._rows_tile(gm.default_config(48, 256, num_weights=2, n=2048, k=4096), False)
+    down8 = fused_moe._rows_tile(gm.default_config(48, 256, n=4096, k=2048), False)
+    assert (up8.tile_m, up8.compute_wgs, down8.tile_m, down8.compute_wgs) == (16, 2, 16, 4)

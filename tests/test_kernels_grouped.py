@@ -137,7 +137,7 @@ def test_split_k_policy_balances_decode_sizes():
     assert gm.balanced_split_k(768, 16, 132) == 1      # 8 tokens: already ~6 even waves
     assert gm.balanced_split_k(5, 2, 132) == 1         # 2 K steps: halves of one step are not allowed
     cfg = gm.default_config(6, 6, num_weights=2, n=2048, k=4096)
-    assert (cfg.split_k, cfg.tile_m, cfg.k_unroll, cfg.compute_wgs) == (4, 16, 1, 4)
+    assert (cfg.split_k, cfg.tile_m, cfg.k_unroll, cfg.compute_wgs) == (4, 16, 1, 2)
     cfg = gm.default_config(6, 6, n=4096, k=2048)
     assert (cfg.split_k, cfg.k_unroll, cfg.compute_wgs) == (2, 2, 4)
     cfg = gm.default_config(1536, 256, n=4096, k=4096)      # T = 256: 6 rows per group, 32-row tiles
