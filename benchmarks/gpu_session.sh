@@ -41,10 +41,10 @@ for s in "${steps[@]}"; do
              [ "${BF16:-1}" = 1 ] && step decode_bf16 80 python benchmarks/model_decode.py --formats bf16 --batches 1 --steps 8 \
                   --repeats 1 --json "$out/model_decode_bf16.json" ;;
     fused)   step fused 200 python -m pytest -q -p no:cacheprovider tests/gpu/test_kernels_fused.py --tb=short ;;
-    experts) # one layer's routed experts at decode sizes (CUPTI): the default against no K split and the
-             # one-step K loop of the down kernel
+    experts) # one layer's routed experts at decode sizes (CUPTI): the default against two compute warpgroups
+             # everywhere and four everywhere (ncu_experts.py lists the other variants)
              step experts 150 python benchmarks/ncu_experts.py --time --tokens-list "${TOKENS:-1,2,8,64}" \
-                  --variants "${VARIANTS:-default,nosplit,unroll1}" ;;
+                  --variants "${VARIANTS:-default,wg2,wg4}" ;;
     decode_b1)  # batch 1 only, same-process A/B of the routed rows (unsorted one-row items vs sorted), marginal step
              step decode_b1 200 python benchmarks/model_decode.py --formats nvfp4 --batches 1 --steps 32 \
                   --marginal-steps "${MARGINAL:-128}" --repeats "${REPEATS:-2}" --variants "${VARIANTS:-default,sorted_moe}" \
@@ -70,7 +70,7 @@ for s in "${steps[@]}"; do
                     python benchmarks/ncu_experts.py --tokens "$t"
              done ;;
     kernels) step kernels 300 python benchmarks/moe_kernels.py --sections ceilings,grouped,fused,actquant \
-                              --tokens 1,8,64,8192 --out "$out" ;;
+                              --tokens 1,8,64,256,8192 --out "$out" ;;
     *) echo "unknown step $s (sinkhorn shard tests fused experts decode decode_b1 decode_ab decode_cb profile ncu kernels)" >&2; exit 2 ;;
   esac
 done
