@@ -114,10 +114,11 @@ def default_config(m: int, num_groups: int, num_weights: int = 1, n: int | None 
     # Permuting x in XLA costs a pass over it (3.8 ms at 49152 x 4096: XLA's transpose of 4x4 blocks is slow), the
     # relayout costs ~12% kernel time at decode sizes (RESULTS.md sweep: T=64 0.52 vs 0.58 ms, T=256 1.00 vs 1.06).
     natural_k = m >= 4096
-    # One weight: 32-row tiles from 4 rows per group on (T = 256 of V4-Flash: -6%, the skewed load's big groups
-    # take fewer items, each of which streams the group's weights; T = 64 keeps 16: RESULTS.md, session 7 sweep).
-    # The two-weight kernel keeps 16-row tiles there (32 not measured).
-    small_rows = 16 if num_weights == 2 else 4
+    # One weight over many groups: 32-row tiles from 4 rows per group on (T = 256 of V4-Flash: -6%, the skewed
+    # load's big groups take fewer items, each of which streams the group's weights; T = 64 keeps 16: RESULTS.md,
+    # session 7 sweep). The two-weight kernel keeps 16-row tiles there (32 not measured), and so does a dense
+    # linear (one group: nothing is streamed twice).
+    small_rows = 4 if (num_weights == 1 and num_groups > 1) else 16
     if m <= 16 * num_groups and rows_per_group <= small_rows:
         cfg = Config(tile_m=16, num_stages=6)
     elif rows_per_group <= 48:

@@ -143,6 +143,7 @@ def test_split_k_policy_balances_decode_sizes():
     cfg = gm.default_config(1536, 256, n=4096, k=4096)      # T = 256: 6 rows per group, 32-row tiles
     assert (cfg.tile_m, cfg.compute_wgs, cfg.split_k) == (32, 2, 1)
     assert gm.default_config(384, 256, n=4096, k=4096).tile_m == 16
+    assert gm.default_config(8, 1, n=4096, k=4096).tile_m == 16              # a dense linear at batch 8
     assert gm.default_config(1536, 256, num_weights=2, n=2048, k=4096).tile_m == 16
     cfg = gm.default_config(8192, 256, n=4096, k=4096)
     assert (cfg.split_k, cfg.compute_wgs, cfg.natural_k) == (1, 2, True)
