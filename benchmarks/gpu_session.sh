@@ -7,6 +7,9 @@
 # One device call may run 600 s and each step is bounded, so e.g. `decode shard` (~500 s) and `tests kernels`
 # (~600 s) fit one call each. decode_cb is kept for the record: XLA command buffers made the step slower.
 #
+# tokamax (a moe_kernels.py baseline) is not on the GPU machine: build .carry/tokamax with
+# benchmarks/carry_tokamax.sh and carry it to the `kernels` call.
+#
 # The GPU machine's transformers predates DeepSeek-V4, so the sharding test's tiny checkpoint is built here first
 # (`python -m tests.gpu.test_sharding_gpu .carry/tiny_ckpt`) and carried; MEGAMOE_TINY_CKPT points at it.
 set -uo pipefail
