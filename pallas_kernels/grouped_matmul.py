@@ -138,8 +138,9 @@ def default_config(m: int, num_groups: int, num_weights: int = 1, n: int | None 
         cfg = dataclasses.replace(cfg, split_k=balanced_split_k(units, k // _TILE_K, _num_sms()))
     if cfg.tile_m <= 16 and not natural_k and num_weights == 1:
         # Small accumulators leave room for four decoding warpgroups (RESULTS.md, 2026-12-02, session 7: the down
-        # kernel -3% to -6% at T = 1 .. 64). The two-weight kernel with 16-row tiles spills at 104 registers and
-        # was 3-4% slower at T = 8 (equal at T = 64); with 8-row tiles (fused_moe's row items) it gains 5-6%.
+        # kernel -3% to -6% at T = 1 .. 64). The two-weight kernel with 16-row tiles was 3-4% slower at T = 8
+        # (equal at T = 64) while it spilled 64 bytes at 104 registers, a spill that went away once setmaxnreg
+        # moved out of the unit loop (untimed since); with 8-row tiles (fused_moe's row items) it gains 5-6%.
         cfg = dataclasses.replace(cfg, compute_wgs=4)
     return dataclasses.replace(cfg, natural_k=natural_k)
 
@@ -401,8 +402,6 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
             @pl.when(valid & (wg < cwgs))
             def _compute_wg():
-                plgpu.set_max_registers(compute_regs, action="increase")
-
                 def acc_scope(*accs):
                     if overlap:
                         pl.when(has_mm)(lambda: _pipelined_k_loop(accs, wg))
@@ -458,6 +457,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
         @pl.when(wg < cwgs)
         def _compute_wgs():
+            plgpu.set_max_registers(compute_regs, action="increase")    # once, before the loop (it synchronises)
             n_all = unit_loop(compute_body)
 
             # Observe the last completion of every "free" barrier, so that each thread has waited on every phase
