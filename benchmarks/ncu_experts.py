@@ -74,13 +74,14 @@ def _set_variant(variant):
     fused_moe.ROWS_MODE_MAX_ROWS = 0 if variant == "sorted" else _DEFAULTS[0]
     fused_moe.ROWS_TILE_M = 16 if variant == "rows16" else _DEFAULTS[1]
     change = _CONFIG_VARIANTS.get(variant)
-    def changed(*a, **k):
-        cfg = _DEFAULTS[2](*a, **k)
+
+    def changed(cfg, rows_mode):     # applied to the fused path's final config (after its row-item tile)
+        cfg = _DEFAULTS[2](cfg, rows_mode)
         return dataclasses.replace(cfg, **(change(cfg) if callable(change) else change))
-    gm.default_config = changed if change else _DEFAULTS[2]
+    fused_moe._rows_tile = changed if change else _DEFAULTS[2]
 
 
-_DEFAULTS = (fused_moe.ROWS_MODE_MAX_ROWS, fused_moe.ROWS_TILE_M, gm.default_config)
+_DEFAULTS = (fused_moe.ROWS_MODE_MAX_ROWS, fused_moe.ROWS_TILE_M, fused_moe._rows_tile)
 
 
 def time_tokens(tokens, copy_tb_s, variants=("default",)):

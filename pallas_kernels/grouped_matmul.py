@@ -245,7 +245,6 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
     # serialises them either way (C7512 "insufficient register resources" with whole tiles, C7513 "non wgmma
     # instructions defining input registers" with halves), so the one-weight kernel keeps the plain loop.
     overlap = cfg.overlap_mma and stages >= 3 and nw == 2
-    epilogue_kind = epilogue
     cwgs = cfg.compute_wgs              # compute warpgroups; 4: two per 64-row slot, one per K half
     halves = cwgs // _ROW_SLOTS
     # setmaxnreg: the register file (64K) is shared by cwgs + 1 warpgroups; 640 threads launch with at most 96
@@ -361,8 +360,8 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         # storer has stored the unit, and each unit would pay the pipeline fill (HBM latency) again.
         total_units = n_items * n_tiles * split
 
-        def k_loop(accs, rs, kh):
-            """The K loop of one compute warpgroup: rows slot rs (dynamic), K half kh (static; None: all of K)."""
+        def k_loop(accs, wg, rs, kh):
+            """The K loop of compute warpgroup wg: rows slot rs (dynamic), K half kh (static; None: all of K)."""
             xcols = slice(None) if kh is None else pl.ds(kh * (tk // 2), tk // 2)
 
             @pl.loop(0, k_iters // unroll)
@@ -382,7 +381,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                     if j == 0:      # the step's first tile: its activation slot must have landed
                         plgpu.barrier_wait(x_bar.at[si])
                     if interpret:   # the interpreter's wgmma takes its A operand from SMEM only
-                        a_buf = a_smem[0].at[wg_index(), n, :, xcols]
+                        a_buf = a_smem[0].at[wg, n, :, xcols]
                         a_buf[...] = a_op
                         a_op = a_buf
                     plgpu.wgmma(accs[j], a_op, x_smem.at[si, :, xcols].T)
@@ -390,13 +389,10 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 for si in sis:
                     plgpu.barrier_arrive(x_free.at[si])
 
-        def wg_index():
-            return lax.axis_index("wg")
-
         def compute_body(u, carry):
             carry_all = carry          # valid units this SM has computed before this one
             ni, valid, has_mm, g = u["ni"], u["valid"], u["has_mm"], u["g"]
-            wg = wg_index()
+            wg = lax.axis_index("wg")
             rs = lax.rem(wg, _ROW_SLOTS)       # the 64 weight rows of this warpgroup
             kh = wg // _ROW_SLOTS              # its K half (0 with two compute warpgroups: all of K)
 
@@ -406,21 +402,21 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                     if overlap:
                         pl.when(has_mm)(lambda: _pipelined_k_loop(accs, wg))
                     elif halves == 1:
-                        pl.when(has_mm)(lambda: k_loop(accs, rs, None))
+                        pl.when(has_mm)(lambda: k_loop(accs, wg, rs, None))
                     else:
                         for h in range(halves):
-                            pl.when(has_mm & (kh == h))(lambda h=h: k_loop(accs, rs, h))
+                            pl.when(has_mm & (kh == h))(lambda h=h: k_loop(accs, wg, rs, h))
                     return tuple(a[...] for a in accs)
 
                 n0 = ni * _CTA_ROWS + rs * _WG_ROWS
                 row_scales = [_load_row_scale(rs_gmems[j], g, n0, dims, epi_fold, interpret) for j in range(nw)]
                 accs = pl.run_scoped(acc_scope, *[plgpu.ACC((_WG_ROWS, tm))] * nw)
 
-                def epilogue(accs):
+                def finish(accs):      # row scale, SwiGLU, output tile to SMEM for the storer
                     scaled = [_apply_row_scale(accs[j], row_scales[j], tm, dims) for j in range(nw)]
                     if split > 1:     # fp32 partial sums of every weight; the caller reduces (and applies SwiGLU)
                         outs = scaled
-                    elif epilogue_kind == "swiglu":
+                    elif epilogue == "swiglu":
                         outs = [_swiglu(scaled[0], scaled[1], limit)]
                     else:
                         outs = [scaled[0]]
@@ -433,7 +429,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                     plgpu.barrier_arrive(o_bar)
 
                 if halves == 1:
-                    epilogue(accs)
+                    finish(accs)
                     return
                 red_smem, red_bar, red_free = a_red
 
@@ -449,11 +445,11 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                     plgpu.barrier_wait(red_bar.at[rs])
                     total = [accs[j] + red_smem.at[j * _ROW_SLOTS + rs][...] for j in range(nw)]
                     plgpu.barrier_arrive(red_free.at[rs])
-                    epilogue(total)
+                    finish(total)
 
             return carry_all + valid.astype(jnp.int32)
 
-        wg = wg_index()
+        wg = lax.axis_index("wg")
 
         @pl.when(wg < cwgs)
         def _compute_wgs():

@@ -85,44 +85,41 @@ def test_fused_moe_pipelined_k_loop_matches_reference():
     assert np.abs(out - ref).max() <= 2.0 ** -6 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("rows_mode", [True, False])
-def test_fused_moe_four_compute_warpgroups_matches_reference(rows_mode):
-    """Config.compute_wgs=4: both weights' K halves decoded by separate warpgroups, summed through SMEM before
-    SwiGLU (gate/up) and before the row scale (down)."""
-    e, d, i, t, k = 3, 512, 768, 3, 2
-    w1, w3, w2 = _experts(jax.random.PRNGKey(7), e, d, i)
-    x = jax.random.normal(jax.random.PRNGKey(17), (t, d)).astype(jnp.bfloat16)
-    idx = jnp.array([[2, 0], [0, 1], [1, 2]], jnp.int32)
-    tw = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(18), (t, k)), -1)
-    out = fused_moe.moe_experts(x, w1, w3, w2, idx, tw, 3.0, interpret=True, rows_mode=rows_mode,
-                                config=gm.Config(tile_m=8, num_stages=2, compute_wgs=4))
+def _assert_fused_interpret_matches(seed, d, i, idx, rows_mode, cfg):
+    """Interpret-mode moe_experts with a frozen config against the reference (3 experts, random data)."""
+    idx = jnp.asarray(idx, jnp.int32)
+    t, k = idx.shape
+    w1, w3, w2 = _experts(jax.random.PRNGKey(seed), 3, d, i)
+    x = jax.random.normal(jax.random.PRNGKey(seed + 10), (t, d)).astype(jnp.bfloat16)
+    tw = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(seed + 11), (t, k)), -1)
+    out = fused_moe.moe_experts(x, w1, w3, w2, idx, tw, 3.0, interpret=True, rows_mode=rows_mode, config=cfg)
     ref = np.asarray(fused_moe.reference(x, w1, w3, w2, idx, tw, 3.0, out_dtype=jnp.float32))
     out = np.asarray(out.astype(jnp.float32))
     assert out.shape == (t, d) and np.isfinite(out).all()
     assert np.abs(out - ref).max() <= 2.0 ** -6 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("rows_mode", [True, False])
+def test_fused_moe_four_compute_warpgroups_matches_reference(rows_mode):
+    """Config.compute_wgs=4: both weights' K halves decoded by separate warpgroups, summed through SMEM before
+    SwiGLU (gate/up) and before the row scale (down)."""
+    _assert_fused_interpret_matches(7, 512, 768, [[2, 0], [0, 1], [1, 2]], rows_mode,
+                                    gm.Config(tile_m=8, num_stages=2, compute_wgs=4))
 
 
 @pytest.mark.parametrize("rows_mode", [True, False])
 def test_fused_moe_split_k_matches_reference(rows_mode):
     """Config.split_k: each (item, N tile) summed by 3 units over thirds of K; the gate/up kernel then writes fp32
     partial gate and up sums and SwiGLU runs after their sum, the down kernel's partials are added likewise."""
-    e, d, i, t, k = 3, 768, 768, 2, 2
-    w1, w3, w2 = _experts(jax.random.PRNGKey(6), e, d, i)
-    x = jax.random.normal(jax.random.PRNGKey(15), (t, d)).astype(jnp.bfloat16)
-    idx = jnp.array([[2, 0], [0, 2]], jnp.int32)          # expert 1 unused; sorted mode has groups of 2
-    tw = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(16), (t, k)), -1)
-    out = fused_moe.moe_experts(x, w1, w3, w2, idx, tw, 3.0, interpret=True, rows_mode=rows_mode,
-                                config=gm.Config(tile_m=8, num_stages=1, split_k=3))
-    ref = np.asarray(fused_moe.reference(x, w1, w3, w2, idx, tw, 3.0, out_dtype=jnp.float32))
-    out = np.asarray(out.astype(jnp.float32))
-    assert out.shape == (t, d) and np.isfinite(out).all()
-    assert np.abs(out - ref).max() <= 2.0 ** -6 * np.abs(ref).max()
+    # expert 1 unused; sorted mode has groups of 2
+    _assert_fused_interpret_matches(6, 768, 768, [[2, 0], [0, 2]], rows_mode,
+                                    gm.Config(tile_m=8, num_stages=1, split_k=3))
 
 
 def test_decode_configs_of_the_two_kernels():
     """What the fused path picks at V4-Flash widths (RESULTS.md, session 7): one token's six row items get 8-row
     tiles, four compute warpgroups and a K split in both kernels; sorted rows (T = 8) keep two compute warpgroups
-    in the two-weight kernel (it spills at 104 registers with 16-row tiles) and four in the down kernel."""
+    in the two-weight kernel (four were 3-4% slower there with 16-row tiles) and four in the down kernel."""
     from pallas_kernels import grouped_matmul as gm
     up = fused_moe._rows_tile(gm.default_config(6, 6, num_weights=2, n=2048, k=4096), True)
     down = fused_moe._rows_tile(gm.default_config(6, 6, n=4096, k=2048), True)
