@@ -158,16 +158,22 @@ SWEEP = {
          dict(tile_m=32, num_stages=5, k_unroll=2, compute_wgs=2), dict(tile_m=32, num_stages=5, k_unroll=2, compute_wgs=4)],
     256: [dict(tile_m=16, num_stages=6, k_unroll=2, compute_wgs=4), dict(tile_m=32, num_stages=5, k_unroll=2),
           dict(tile_m=32, num_stages=5, k_unroll=2, compute_wgs=4), dict(tile_m=64, num_stages=3)],
+    # Prefill: every item streams its group's weights, so the row tile sets the weight traffic (T = 2048 with
+    # 32-row tiles: ~577 items for 193 experts, 3x the touched bytes).
+    2048: [dict(tile_m=64, num_stages=3, natural_k=True), dict(tile_m=128, num_stages=2, natural_k=True)],
 }
+# The fused block (both kernels under one config), same question at prefill.
+FUSED_SWEEP = {2048: [dict(tile_m=64, num_stages=3, natural_k=True)]}   # 128 rows: 237 KB of SMEM, over the 227 KB
 
 
-def sweep(res):
-    """Our kernel under several frozen configs (to pick `default_config`); not a baseline comparison."""
+def sweep(res, tokens):
+    """Our kernel under several frozen configs (to pick `default_config`), at the T of SWEEP / FUSED_SWEEP that are
+    in `tokens`; not a baseline comparison."""
     from pallas_kernels import grouped_matmul as gm
     n, k = 2 * INTER, HIDDEN
     w = random_nvfp4(jax.random.PRNGKey(0), EXPERTS, n, k)
     out = []
-    for t, cfgs in SWEEP.items():
+    for t, cfgs in [(t, c) for t, c in SWEEP.items() if t in tokens]:
         m = t * TOPK
         sets = []
         for r in range(3):
@@ -181,11 +187,29 @@ def sweep(res):
             name = str(cfg) if cfg is not None else f"default {gm.default_config(m, EXPERTS, n=n, k=k)}"
             out.append(dict(T=t, config=name, ms=ms))
             print("sweep", t, name, ms, flush=True)
+    from pallas_kernels import fused_moe
+    w1 = random_nvfp4(jax.random.PRNGKey(1), EXPERTS, INTER, HIDDEN)
+    w3 = random_nvfp4(jax.random.PRNGKey(2), EXPERTS, INTER, HIDDEN)
+    w2 = random_nvfp4(jax.random.PRNGKey(3), EXPERTS, HIDDEN, INTER)
+    for t, cfgs in [(t, c) for t, c in FUSED_SWEEP.items() if t in tokens]:
+        sets = []
+        for r in range(3):
+            idx, tw = routing(t, seed=7 * t + r)
+            x = jax.random.normal(jax.random.PRNGKey(r), (t, HIDDEN), jnp.float32).astype(jnp.bfloat16)
+            sets.append((x, jnp.asarray(idx), jnp.asarray(tw), w1, w3, w2))
+        for c in [None, *cfgs]:
+            cfg = gm.Config(**c) if c is not None else None
+            f = jax.jit(lambda x, i, tw, w1, w3, w2, cfg=cfg: fused_moe.moe_experts(x, w1, w3, w2, i, tw, 10.0,
+                                                                                   config=cfg))
+            ms = safe(measure, f, *sets)
+            out.append(dict(T=t, block="fused", config=str(cfg) if cfg else "default", ms=ms))
+            print("sweep fused", t, cfg or "default", ms, flush=True)
     res["sweep"] = out
 
 
-def breakdown(res, tokens=(1, 64, 8192)):
-    """Per-kernel GPU time of our grouped matmul call (the Mosaic kernel vs the XLA work-list glue)."""
+def breakdown(res, tokens=(1, 8, 64, 8192)):
+    """Per-kernel GPU time of our grouped matmul call (the Mosaic kernel vs the XLA glue: work list, K permutation
+    of x, split-K sum), one routing per T."""
     from jax.experimental.mosaic.gpu import profiler
     from pallas_kernels import grouped_matmul as gm
     w = random_nvfp4(jax.random.PRNGKey(0), EXPERTS, 2 * INTER, HIDDEN)
@@ -200,6 +224,60 @@ def breakdown(res, tokens=(1, 64, 8192)):
         out[t] = [(name[:60], round(ms, 4)) for name, ms in kernels]
         print("breakdown", t, out[t], flush=True)
     res["breakdown"] = out
+
+
+def _u32_pairs(a):
+    """bf16 [M, K] -> uint32 [M, K/2]: the permutation moves whole bf16 pairs (nvfp4_decode.k_permutation)."""
+    return jax.lax.bitcast_convert_type(a.reshape(a.shape[0], -1, 2), jnp.uint32)
+
+
+def _from_u32(u, k):
+    return jax.lax.bitcast_convert_type(u, jnp.bfloat16).reshape(u.shape[0], k)
+
+
+def _perm_u32_transpose(a):
+    k = a.shape[1]
+    return _from_u32(jnp.swapaxes(_u32_pairs(a).reshape(a.shape[0], k // 32, 4, 4), -2, -1).reshape(a.shape[0], -1), k)
+
+
+def _perm_u32_take(a):
+    k = a.shape[1]
+    c = np.arange(k // 2)
+    p = jnp.asarray(16 * (c // 16) + 4 * (c % 4) + (c // 4) % 4, jnp.int32)
+    return _from_u32(jnp.take(_u32_pairs(a), p, axis=1), k)
+
+
+def _perm_u32_stack(a):
+    k = a.shape[1]
+    u = _u32_pairs(a).reshape(a.shape[0], k // 32, 4, 4)
+    return _from_u32(jnp.stack([u[..., j] for j in range(4)], axis=-2).reshape(a.shape[0], -1), k)
+
+
+PERMUTE_VARIANTS = {"bf16 swapaxes (current)": None, "u32 swapaxes": _perm_u32_transpose, "u32 take": _perm_u32_take,
+                    "u32 stack of slices": _perm_u32_stack}
+
+
+def permute(res, rows=(6, 48, 384, 1536, 4032)):
+    """The activation's K permutation (decode configs, natural_k=False) in XLA, in several formulations; each is
+    checked equal to nvfp4_decode.permute_k first. Bytes: read + write of x."""
+    from pallas_kernels import nvfp4_decode
+    out = []
+    for m in rows:
+        x = jax.random.normal(jax.random.PRNGKey(m), (m, HIDDEN), jnp.float32).astype(jnp.bfloat16)
+        want = np.asarray(nvfp4_decode.permute_k(x))
+        for name, fn in PERMUTE_VARIANTS.items():
+            fn = fn or nvfp4_decode.permute_k
+            f = jax.jit(fn)
+            if not np.array_equal(np.asarray(f(x)), want):
+                out.append(dict(rows=m, variant=name, ms="error: differs from permute_k"))
+                continue
+            ms = safe(measure, f, (x,))
+            row = dict(rows=m, variant=name, ms=ms)
+            if isinstance(ms, float):
+                row["tbps"] = 2 * x.nbytes / (ms * 1e-3) / 1e12
+            out.append(row)
+            print("permute", row, flush=True)
+    res["permute"] = out
 
 
 def fused(res, tokens):
@@ -317,9 +395,11 @@ def main(argv=None):
     if "grouped" in sections:
         grouped(res, tokens, baselines=not args.no_baselines)
     if "sweep" in sections:
-        sweep(res)
+        sweep(res, tokens)
+    if "permute" in sections:
+        permute(res)
     if "breakdown" in sections:
-        breakdown(res)
+        breakdown(res, [t for t in tokens if t <= 8192])
     if "fused" in sections:
         fused(res, tokens)
     if "actquant" in sections:

@@ -764,7 +764,7 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
     mp = max(m8, tm) if not interpret else m8 + tm
     xp = x if mp == m else jnp.pad(x, ((0, mp - m), (0, 0)))
     if not cfg.natural_k:   # the decoded weight operand has K permuted in 32-column groups; permute x to match
-        xp = nvfp4_decode.permute_k(xp)
+        xp = nvfp4_decode.permute_activation(xp)
     if row_group is None:
         items, count = build_work_list(group_sizes, m, tm)
     else:   # the kernel derives each one-row item from its index: no work-list launch

@@ -69,6 +69,12 @@ def test_decode_matches_dequantize_and_permutation():
     np.testing.assert_array_equal(p[p], np.arange(256))
     a = jnp.arange(3 * 256).reshape(3, 256)
     np.testing.assert_array_equal(np.asarray(nvfp4_decode.permute_k(a)), np.asarray(a)[:, p])
+    # The XLA form over uint32 pairs: the same columns, bit for bit (NaN payloads and -0 included).
+    bits = jax.random.bits(jax.random.PRNGKey(1), (5, 512), jnp.uint16)
+    x = jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
+    got = jax.jit(nvfp4_decode.permute_activation)(x)
+    np.testing.assert_array_equal(np.asarray(jax.lax.bitcast_convert_type(got, jnp.uint16)),
+                                  np.asarray(bits)[:, nvfp4_decode.k_permutation(512)])
 
 
 CASES = [
