@@ -160,10 +160,15 @@ SWEEP = {
           dict(tile_m=32, num_stages=5, k_unroll=2, compute_wgs=4), dict(tile_m=64, num_stages=3)],
     # Prefill: every item streams its group's weights, so the row tile sets the weight traffic (T = 2048 with
     # 32-row tiles: ~577 items for 193 experts, 3x the touched bytes).
-    2048: [dict(tile_m=64, num_stages=3, natural_k=True), dict(tile_m=128, num_stages=2, natural_k=True)],
+    1024: [dict(tile_m=32, num_stages=5, k_unroll=2, natural_k=True), dict(tile_m=64, num_stages=3, natural_k=True),
+           dict(tile_m=128, num_stages=2, natural_k=True)],
+    2048: [dict(tile_m=32, num_stages=5, k_unroll=2, natural_k=True), dict(tile_m=64, num_stages=3, natural_k=True),
+           dict(tile_m=128, num_stages=2, natural_k=True)],
 }
-# The fused block (both kernels under one config), same question at prefill.
-FUSED_SWEEP = {2048: [dict(tile_m=64, num_stages=3, natural_k=True)]}   # 128 rows: 237 KB of SMEM, over the 227 KB
+# The fused block (both kernels under one config), same question at prefill (128-row tiles do not fit the
+# two-weight kernel: 237 KB of SMEM).
+FUSED_SWEEP = {t: [dict(tile_m=32, num_stages=3, natural_k=True), dict(tile_m=64, num_stages=2, natural_k=True),
+                   dict(tile_m=64, num_stages=3, natural_k=True)] for t in (1024, 2048, 8192)}
 
 
 def sweep(res, tokens):

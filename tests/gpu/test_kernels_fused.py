@@ -21,7 +21,7 @@ def _experts(key, e, d, i, w4a4):
     return q(ks[0], (e, i, d), 0.05), q(ks[1], (e, i, d), 0.05), q(ks[2], (e, d, i), 0.05)
 
 
-@pytest.mark.parametrize("t", [1, 37, 300])
+@pytest.mark.parametrize("t", [1, 37, 300, 1100])      # 1100: 4400 rows, the prefill configs (natural K)
 @pytest.mark.parametrize("w4a4", [False, True])
 def test_fused_moe_matches_reference(t, w4a4):
     e, d, i, k = 16, 1024, 512, 4
