@@ -115,10 +115,15 @@ def default_config(m: int, num_groups: int, num_weights: int = 1, n: int | None 
     # relayout costs ~12% kernel time at decode sizes (RESULTS.md sweep: T=64 0.52 vs 0.58 ms, T=256 1.00 vs 1.06).
     natural_k = m >= 4096
     if natural_k:
-        # Prefill: every work item streams its group's weights, so the row tile sets the weight traffic. At T = 2048
-        # of V4-Flash (48 rows per group) 128-row tiles took 1.635 ms against 2.174 with 32 (gate/up), and the fused
-        # block 2.818 against 3.782 with 64 rows and 3 stages in both kernels (RESULTS.md, 2026-12-02, session 8).
-        cfg = Config(tile_m=128, num_stages=2) if num_weights == 1 else Config(tile_m=64, num_stages=3)
+        # Prefill: every work item streams its group's weights, so the row tile sets the weight traffic (T = 2048 of
+        # V4-Flash, 48 rows per group: gate/up 1.666 ms with 128-row tiles, 1.690 with 64, 2.157 with the 32 that the
+        # decode rules below would pick; T = 1024, 24 rows per group: 64 rows best, 1.245 against 1.364 with 128).
+        # Two weights keep 64 rows x 2 stages (3 stages: +1% at T = 2048, +2% at T = 8192; RESULTS.md, 2026-12-02,
+        # session 8).
+        if num_weights == 2:
+            cfg = Config(tile_m=64, num_stages=2)
+        else:
+            cfg = Config(tile_m=128, num_stages=2) if rows_per_group > 32 else Config(tile_m=64, num_stages=3)
         return dataclasses.replace(cfg, natural_k=True)
     # One weight over many groups: 32-row tiles from 4 rows per group on (T = 256 of V4-Flash: -6%, the skewed
     # load's big groups take fewer items, each of which streams the group's weights; T = 64 keeps 16: RESULTS.md,
