@@ -2,10 +2,11 @@
 # Everything the GPU machine is needed for, in one call, most important first; each step is bounded so a slow
 # one cannot eat the rest, and each step's log lands in $OUT (or ./out) for RESULTS.md.
 #
-#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests fused experts decode decode_b1 decode_ab decode_cb profile ncu kernels
+#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests fused experts decode decode_b1 decode_ab decode_cb profile ncu kernels breakdown
 #
-# One device call may run 600 s and each step is bounded, so e.g. `decode shard` (~500 s) and `tests kernels`
-# (~600 s) fit one call each. decode_cb is kept for the record: XLA command buffers made the step slower.
+# One device call may run 600 s and each step is bounded, so e.g. `decode shard` (~500 s) or `tests` + `experts`
+# (~450 s) fit one call each, and `kernels` (~280 s with every baseline) nearly fills one on its own.
+# decode_cb is kept for the record: XLA command buffers made the step slower.
 #
 # tokamax (a moe_kernels.py baseline) is not on the GPU machine: build .carry/tokamax with
 # benchmarks/carry_tokamax.sh and carry it to the `kernels` call.
@@ -72,8 +73,11 @@ for s in "${steps[@]}"; do
                     --section SchedulerStats --section WarpStateStats --section SourceCounters --print-details all \
                     python benchmarks/ncu_experts.py --tokens "$t"
              done ;;
-    kernels) step kernels 300 python benchmarks/moe_kernels.py --sections ceilings,grouped,fused,actquant \
-                              --tokens 1,8,64,256,8192 --out "$out" ;;
-    *) echo "unknown step $s (sinkhorn shard tests fused experts decode decode_b1 decode_ab decode_cb profile ncu kernels)" >&2; exit 2 ;;
+    kernels) # ~280 s on an H200 with every baseline (2026-12-02; XLA's ragged_dot takes 135 ms a call at T = 2048)
+             step kernels 560 python benchmarks/moe_kernels.py --sections ceilings,permute,grouped,fused,actquant \
+                              --tokens 1,8,64,256,2048,8192 --out "$out" ;;
+    breakdown) # the grouped call's XLA glue against its kernel, per launch (decode sizes)
+             step breakdown 90 python benchmarks/moe_kernels.py --sections breakdown --tokens 1,8,64 --out "$out" ;;
+    *) echo "unknown step $s (sinkhorn shard tests fused experts decode decode_b1 decode_ab decode_cb profile ncu kernels breakdown)" >&2; exit 2 ;;
   esac
 done
