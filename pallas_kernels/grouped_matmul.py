@@ -111,8 +111,10 @@ def default_config(m: int, num_groups: int, num_weights: int = 1, n: int | None 
     """Decode-sized problems (few rows per group) get small row tiles and deep pipelines; prefill gets 128 rows.
     Given the weight shape (n, k), decode-sized problems also get the K split that balances the SMs."""
     rows_per_group = m / max(1, min(num_groups, m))
-    # Permuting x in XLA costs a pass over it (3.8 ms at 49152 x 4096: XLA's transpose of 4x4 blocks is slow), the
-    # relayout costs ~12% kernel time at decode sizes (RESULTS.md sweep: T=64 0.52 vs 0.58 ms, T=256 1.00 vs 1.06).
+    # Permuting x in XLA costs a pass over it, the relayout ~12% kernel time at decode sizes (RESULTS.md sweep: T=64
+    # 0.52 vs 0.58 ms, T=256 1.00 vs 1.06). The threshold dates from the bf16 transpose (3.8 ms at 49152 x 4096);
+    # `permute_activation` runs at ~4 TB/s (16.6 us at 4032 x 4096), so prefill may now prefer the permuted K too:
+    # not yet timed.
     natural_k = m >= 4096
     if natural_k:
         # Prefill: every work item streams its group's weights, so the row tile sets the weight traffic (T = 2048 of
