@@ -176,9 +176,11 @@ def sweep(res, tokens):
     in `tokens`; not a baseline comparison."""
     from pallas_kernels import grouped_matmul as gm
     n, k = 2 * INTER, HIDDEN
-    w = random_nvfp4(jax.random.PRNGKey(0), EXPERTS, n, k)
+    grouped_ts = [(t, c) for t, c in SWEEP.items() if t in tokens]
+    fused_ts = [(t, c) for t, c in FUSED_SWEEP.items() if t in tokens]
+    w = random_nvfp4(jax.random.PRNGKey(0), EXPERTS, n, k) if grouped_ts else None
     out = []
-    for t, cfgs in [(t, c) for t, c in SWEEP.items() if t in tokens]:
+    for t, cfgs in grouped_ts:
         m = t * TOPK
         sets = []
         for r in range(3):
@@ -192,11 +194,15 @@ def sweep(res, tokens):
             name = str(cfg) if cfg is not None else f"default {gm.default_config(m, EXPERTS, n=n, k=k)}"
             out.append(dict(T=t, config=name, ms=ms))
             print("sweep", t, name, ms, flush=True)
+    del w
+    if not fused_ts:
+        res["sweep"] = out
+        return
     from pallas_kernels import fused_moe
     w1 = random_nvfp4(jax.random.PRNGKey(1), EXPERTS, INTER, HIDDEN)
     w3 = random_nvfp4(jax.random.PRNGKey(2), EXPERTS, INTER, HIDDEN)
     w2 = random_nvfp4(jax.random.PRNGKey(3), EXPERTS, HIDDEN, INTER)
-    for t, cfgs in [(t, c) for t, c in FUSED_SWEEP.items() if t in tokens]:
+    for t, cfgs in fused_ts:
         sets = []
         for r in range(3):
             idx, tw = routing(t, seed=7 * t + r)
@@ -252,14 +258,10 @@ def _perm_u32_take(a):
     return _from_u32(jnp.take(_u32_pairs(a), p, axis=1), k)
 
 
-def _perm_u32_stack(a):
-    k = a.shape[1]
-    u = _u32_pairs(a).reshape(a.shape[0], k // 32, 4, 4)
-    return _from_u32(jnp.stack([u[..., j] for j in range(4)], axis=-2).reshape(a.shape[0], -1), k)
-
-
-PERMUTE_VARIANTS = {"bf16 swapaxes (current)": None, "u32 swapaxes": _perm_u32_transpose, "u32 take": _perm_u32_take,
-                    "u32 stack of slices": _perm_u32_stack}
+def _permute_variants():
+    from pallas_kernels import nvfp4_decode
+    return {"bf16 swapaxes (permute_k)": nvfp4_decode.permute_k, "u32 swapaxes": _perm_u32_transpose,
+            "u32 take": _perm_u32_take, "u32 stack of slices (permute_activation)": nvfp4_decode.permute_activation}
 
 
 def permute(res, rows=(6, 48, 384, 1536, 4032)):
@@ -270,8 +272,7 @@ def permute(res, rows=(6, 48, 384, 1536, 4032)):
     for m in rows:
         x = jax.random.normal(jax.random.PRNGKey(m), (m, HIDDEN), jnp.float32).astype(jnp.bfloat16)
         want = np.asarray(nvfp4_decode.permute_k(x))
-        for name, fn in PERMUTE_VARIANTS.items():
-            fn = fn or nvfp4_decode.permute_k
+        for name, fn in _permute_variants().items():
             f = jax.jit(fn)
             if not np.array_equal(np.asarray(f(x)), want):
                 out.append(dict(rows=m, variant=name, ms="error: differs from permute_k"))

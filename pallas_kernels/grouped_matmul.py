@@ -108,15 +108,15 @@ class Config:
 
 def default_config(m: int, num_groups: int, num_weights: int = 1, n: int | None = None,
                    k: int | None = None) -> Config:
-    """Decode-sized problems (few rows per group) get small row tiles and deep pipelines; prefill gets 128 rows.
-    Given the weight shape (n, k), decode-sized problems also get the K split that balances the SMs."""
+    """Decode-sized problems (few rows per group) get small row tiles and deep pipelines; prefill (from 4096 rows)
+    gets 64- or 128-row tiles and K in natural order. Given the weight shape (n, k), decode-sized problems also get
+    the K split that balances the SMs."""
     rows_per_group = m / max(1, min(num_groups, m))
     # Permuting x in XLA costs a pass over it, the relayout ~12% kernel time at decode sizes (RESULTS.md sweep: T=64
     # 0.52 vs 0.58 ms, T=256 1.00 vs 1.06). The threshold dates from the bf16 transpose (3.8 ms at 49152 x 4096);
     # `permute_activation` runs at ~4 TB/s (16.6 us at 4032 x 4096), so prefill may now prefer the permuted K too:
     # not yet timed.
-    natural_k = m >= 4096
-    if natural_k:
+    if m >= 4096:
         # Prefill: every work item streams its group's weights, so the row tile sets the weight traffic (T = 2048 of
         # V4-Flash, 48 rows per group: gate/up 1.666 ms with 128-row tiles, 1.690 with 64, 2.157 with the 32 that the
         # decode rules below would pick; T = 1024, 24 rows per group: 64 rows best, 1.245 against 1.364 with 128).
@@ -149,13 +149,13 @@ def default_config(m: int, num_groups: int, num_weights: int = 1, n: int | None 
         # Few rows per group: about one item per touched group (at most min(m, groups) of them).
         units = min(m, num_groups) * (n // _CTA_ROWS)
         cfg = dataclasses.replace(cfg, split_k=balanced_split_k(units, k // _TILE_K, _num_sms()))
-    if cfg.tile_m <= 16 and not natural_k and num_weights == 1:
+    if cfg.tile_m <= 16 and num_weights == 1:
         # Small accumulators leave room for four decoding warpgroups (RESULTS.md, 2026-12-02, session 7: the down
         # kernel -3% to -6% at T = 1 .. 64). The two-weight kernel with 16-row tiles was 3-4% slower at T = 8
         # (equal at T = 64) while it spilled 64 bytes at 104 registers, a spill that went away once setmaxnreg
         # moved out of the unit loop (untimed since); with 8-row tiles (fused_moe's row items) it gains 5-6%.
         cfg = dataclasses.replace(cfg, compute_wgs=4)
-    return dataclasses.replace(cfg, natural_k=natural_k)
+    return cfg
 
 
 def balanced_split_k(units: int, k_steps: int, num_sms: int, max_split: int = 8) -> int:
