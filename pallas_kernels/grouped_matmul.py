@@ -170,47 +170,74 @@ def balanced_split_k(units: int, k_steps: int, num_sms: int, max_split: int = 8)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Work list (XLA, before the launch)
+# Work items (one XLA launch before the kernel; the kernel derives each item itself)
+#
+# Segments 0..E-1 are the groups, segment E the zero tail [sum(sizes), M). A segment [a, b) is covered by
+# tiles(s) = cdiv(b - floor8(a), tile_m) items of tile_m rows starting at floor8(a) (TMA tiles of the activation
+# are 8 rows high, so loads start at multiples of 8; the first item's `offset` = a % 8). Each group reserves
+# slots(s) = cdiv(size + 7, tile_m) >= tiles(s) consecutive item indices: unlike tiles(s), slots(s) depends on the
+# group's own size only, so one prefix sum (a single XLA launch) gives every group's first index, and
+# the kernel maps an item index to its group by a search over those prefix sums. The slack (slots - tiles <= 1,
+# at a group's end) leaves a few item indices empty; the kernel skips them.
+
+def _table_width(num_groups: int) -> int:
+    return pl.cdiv(num_groups + 2, 32) * 32       # each half starts a 128-byte line
+
 
 def max_items(m: int, num_groups: int, tile_m: int) -> int:
-    """Upper bound on work items: row tiles + one extra (misaligned) tile per non-empty segment (groups + tail)."""
-    return pl.cdiv(m, tile_m) + min(num_groups, m) + 1
+    """Bound on the item indices with rows: every segment with rows (at most min(E, M) groups and the tail) ends
+    below sum(size + tile_m + 6) / tile_m."""
+    return (m + (min(num_groups, m) + 1) * (tile_m + 6)) // tile_m
 
 
-def build_work_list(group_sizes: jax.Array, m: int, tile_m: int):
-    """Work items covering every row of x once, as int32 [4, I] (group, load_start, offset, size) and count [1].
-
-    Item i computes rows [load_start + offset, load_start + offset + size) of group `group` (-1: rows past the
-    sum of the group sizes, written as zeros). Tiles are aligned to 8 rows (TMA tiles of the activation are
-    8 rows high), so a group's first tile starts at floor8(start) and `offset` < 8; offset + size <= tile_m.
-    The kernel reads the activation window [load_start, load_start + p) for the smallest power of two
-    p >= offset + size (at least 8). Items with rows come first; the rest have group -1 and size 0.
-    """
+def item_table(group_sizes: jax.Array, m: int, tile_m: int) -> jax.Array:
+    """int32 [2 * W] (W = _table_width(E)): [0, W) the row where segment s starts (before clamping to M), [W, 2W)
+    the first item index of segment s, for s in [0, E] (entries past E repeat the last)."""
     e = group_sizes.shape[0]
-    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
-    ends = jnp.minimum(jnp.cumsum(sizes), m)
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
-    total = ends[-1]
-    # Segments 0..E-1 are the groups, segment E is the zero tail [total, m).
-    seg_start = jnp.concatenate([starts, total[None]])
-    seg_end = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])
-    seg_a0 = seg_start // 8 * 8
-    seg_tiles = jnp.where(seg_end > seg_start, (seg_end - seg_a0 + tile_m - 1) // tile_m, 0)
-    seg_last = jnp.cumsum(seg_tiles)
-    seg_first = seg_last - seg_tiles
-    count = seg_last[-1]
-    n = max_items(m, e, tile_m)
-    idx = jnp.arange(n, dtype=jnp.int32)
-    seg = jnp.minimum(jnp.searchsorted(seg_last, idx, side="right", method="compare_all").astype(jnp.int32), e)
-    load_start = seg_a0[seg] + (idx - seg_first[seg]) * tile_m
-    lo = jnp.maximum(load_start, seg_start[seg])
-    hi = jnp.minimum(load_start + tile_m, seg_end[seg])
-    valid = idx < count
-    items = jnp.stack([jnp.where(valid & (seg < e), seg, -1),
-                       jnp.where(valid, load_start, 0),
-                       jnp.where(valid, lo - load_start, 0),
-                       jnp.where(valid, jnp.maximum(hi - lo, 0), 0)]).astype(jnp.int32)
-    return items, count.astype(jnp.int32)[None]
+    w = _table_width(e)
+    sizes = jnp.clip(group_sizes.astype(jnp.int32), 0, m)
+    per_group = jnp.stack([sizes, (sizes + 6 + tile_m) // tile_m * (sizes > 0)])             # [2, E]
+    # Exclusive prefix sums as one masked reduction ([2, W, E], ~150K adds at E = 256): XLA fuses the producers
+    # into it and launches once, where a cumsum's reduce-window becomes a two-level scan of 2-3 launches.
+    before = lax.broadcasted_iota(jnp.int32, (w, e), 1) < lax.broadcasted_iota(jnp.int32, (w, e), 0)
+    prefix = jnp.sum(jnp.where(before[None], per_group[:, None, :], 0), axis=2)               # [2, W]
+    return prefix.reshape(2 * w)
+
+
+def item_fields(it, load, m: int, num_groups: int, tile_m: int):
+    """Item `it` from the table (load(i) -> int32 entry i of the flat table): dict of group (-1: zero tail),
+    load_start (a multiple of 8), offset, size (rows [load_start + offset, + size) of x and of the output) and
+    valid. Scalar jnp code: the kernel runs it in every thread, the tests vmap it over all items."""
+    e, w = num_groups, _table_width(num_groups)
+    # The last segment s in [0, E] whose first item is <= it: an 8-way search, three rounds of independent loads
+    # (SMEM latency is paid per round, not per load; a binary search would take nine dependent rounds at E = 256).
+    seg = jnp.int32(0)
+    stride = 1
+    while stride * 8 <= e:
+        stride *= 8
+    while stride >= 1:
+        hits = [(seg + j * stride <= e) & (load(w + jnp.minimum(seg + j * stride, e)) <= it) for j in range(1, 8)]
+        seg = seg + stride * sum(h.astype(jnp.int32) for h in hits)
+        stride //= 8
+    a = jnp.minimum(load(seg), m)
+    b = jnp.where(seg < e, jnp.minimum(load(jnp.minimum(seg + 1, w - 1)), m), m)
+    a8 = a // 8 * 8
+    tiles = jnp.where(b > a, (b - a8 + tile_m - 1) // tile_m, 0)
+    j = it - load(w + seg)
+    valid = j < tiles
+    load_start = a8 + jnp.where(valid, j, 0) * tile_m
+    lo = jnp.maximum(load_start, a)
+    hi = jnp.minimum(load_start + tile_m, b)
+    return dict(group=jnp.where(seg < e, seg, -1), load_start=load_start, offset=jnp.where(valid, lo - load_start, 0),
+                size=jnp.where(valid, jnp.maximum(hi - lo, 0), 0), valid=valid)
+
+
+def item_extent(load, m: int, num_groups: int, tile_m: int):
+    """Item indices to visit: every item with rows is below this (the tail's last item, or the bound)."""
+    e, w = num_groups, _table_width(num_groups)
+    a = jnp.minimum(load(e), m)
+    tail = jnp.where(m > a, (m - a // 8 * 8 + tile_m - 1) // tile_m, 0)
+    return jnp.minimum(load(w + e) + tail, max_items(m, e, tile_m))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -225,8 +252,8 @@ class _Dims:
     num_weights: int
     row_scale_per_row: bool
     out_dtype: jnp.dtype
-    n_items: int    # width of the work list (static bound on items)
-    rows_mode: bool = False   # items are one row each, in order: the "work list" is just the row's group [1, M]
+    n_items: int    # static bound on the item indices with rows (max_items; M in rows mode)
+    rows_mode: bool = False   # items are one row each, in order: the table is just the row's group [M]
     split_k: int = 1          # > 1: each unit sums K / split_k; fp32 partials [split_k, M, nw * N] are the output
 
 
@@ -274,12 +301,17 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
     released = {ki + d for ki in range(k_iters) for d in release_at.values() if 0 <= ki + d < k_iters}
     release_after = [st for st in range(k_iters) if st not in released]
 
-    def kernel(items_gmem, count_gmem, x_gmem, *refs):
+    def kernel(table_gmem, x_gmem, *refs):
         w_gmems = refs[0:nw]
         s_gmems = refs[nw:2 * nw]
         rs_gmems = refs[2 * nw:3 * nw]
         rest = refs[3 * nw:]
         o_gmem, scratch = rest[0], rest[1:]
+
+        def load_table(i):
+            # Every item lookup searches the table (3 KB at E = 256): after the first units its lines stay in L1,
+            # as fast to read as SMEM (which the memory warps cannot load scalars from: no warp-level lowering).
+            return table_gmem[i]
         (x_smem, w_smem, s_smem, o_smem, x_bar, w_bar, o_bar, x_free, w_free, o_free, *extra) = scratch
         a_red = extra[:3] if halves == 2 else None          # K-half sums: SMEM, ready and free barriers
         a_smem = extra[3:] if halves == 2 else extra        # interpret mode: wgmma A operands in SMEM
@@ -287,7 +319,6 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
             w_u8 = w_i4 = w_smem
         else:
             w_u8, w_i4 = w_smem
-        num_valid = dims.m if dims.rows_mode else count_gmem[0]
 
         def _pipelined_k_loop(accs, wg):
             """The K loop with each tile's decode overlapping the previous tile's wgmma (Config.overlap_mma)."""
@@ -322,11 +353,12 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 plgpu.barrier_arrive(x_free.at[st % stages])
 
         def fetch(lin):
-            """The work-list fields of unit lin (any valid index past the end: the values go unused)."""
-            item = jnp.minimum(lin // (n_tiles * split), n_items - 1)
+            """The item fields of unit lin (any index past the end: the values go unused)."""
+            item = lin // (n_tiles * split)
             if dims.rows_mode:
-                return (items_gmem[0, item],)
-            return tuple(items_gmem[f, item] for f in range(4))
+                return (table_gmem[jnp.minimum(item, n_items - 1)],)
+            f = item_fields(item, load_table, dims.m, dims.e, tm)
+            return f["group"], f["load_start"], f["offset"], f["size"], f["valid"]
 
         def unit(lin, raw, warp=False):
             """Work unit lin = (item, 128-row N tile, K part): its fields, the same in every warpgroup; raw is
@@ -337,7 +369,6 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
             item = lin // (n_tiles * split)
             ni = lin // split % n_tiles
             k_base = lin % split * k_iters      # first K step of this unit
-            valid = item < num_valid
             if dims.rows_mode:
                 # Unsorted rows, one work item each: item r = (group of row r, 8 * (r // 8), r % 8, 1). For a
                 # handful of rows with distinct groups (the k experts of one decode token) this skips sorting
@@ -346,8 +377,9 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 load_start = aligned(item // 8 * 8)
                 offset = item % 8
                 size = jnp.int32(1)
+                valid = item < dims.m
             else:
-                gi, load_start, offset, size = raw
+                gi, load_start, offset, size, valid = raw
                 load_start = aligned(load_start)
             return dict(lin=lin, ni=ni, k_base=k_base, valid=valid, has_mm=valid & (gi >= 0), g=jnp.maximum(gi, 0),
                         load_start=load_start, offset=offset, size=size)
@@ -364,14 +396,15 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 ahead = fetch(lin + num_sms)
                 return body(unit(lin, raw, warp), count), ahead
 
-            count, _ = plgpu.nd_loop((total_units,), collective_axes="sm",
+            # Visit only the item indices that can have rows (read from the table: all threads agree).
+            extent = n_items if dims.rows_mode else item_extent(load_table, dims.m, dims.e, tm)
+            count, _ = plgpu.nd_loop((extent * (n_tiles * split),), collective_axes="sm",
                                      init_carry=(jnp.int32(0), fetch(sm)))(step)
             return count
 
         # The memory warps each run their own loop over the units (not one shared loop): a warp_map ends with a
         # warpgroup barrier, so one shared loop would hold the weight loader at every unit boundary until the
         # storer has stored the unit, and each unit would pay the pipeline fill (HBM latency) again.
-        total_units = n_items * n_tiles * split
 
         def k_loop(accs, wg, rs, kh):
             """The K loop of compute warpgroup wg: rows slot rs (dynamic), K half kh (static; None: all of K)."""
@@ -779,11 +812,11 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
     if not cfg.natural_k:   # the decoded weight operand has K permuted in 32-column groups; permute x to match
         xp = nvfp4_decode.permute_activation(xp)
     if row_group is None:
-        items, count = build_work_list(group_sizes, m, tm)
-    else:   # the kernel derives each one-row item from its index: no work-list launch
+        table, n_items = item_table(group_sizes, m, tm), max_items(m, e, tm)
+    else:   # the kernel derives each one-row item from its index
         if row_group.shape != (m,):
             raise ValueError(f"row_group must be [{m}], got {list(row_group.shape)}")
-        items, count = row_group.astype(jnp.int32).reshape(1, m), jnp.full((1,), m, jnp.int32)
+        table, n_items = row_group.astype(jnp.int32), m
     per_row = any(r.shape[1] != 1 for r in row_scales)
     if per_row:
         row_scales = [jnp.broadcast_to(r, (e, n)) for r in row_scales]
@@ -791,9 +824,9 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
     if (k // _TILE_K) % split:
         raise ValueError(f"split_k={split} must divide the {k // _TILE_K} K steps of K={k}")
     dims = _Dims(m=m, k=k, n=n, e=e, num_weights=nw, row_scale_per_row=per_row, out_dtype=out_dtype,
-                 n_items=items.shape[1], rows_mode=row_group is not None, split_k=split)
+                 n_items=n_items, rows_mode=row_group is not None, split_k=split)
     body, scratch = _build_kernel(dims, cfg, epilogue, swiglu_limit, interpret)
-    args = [items, count, xp, *packs, *scales, *row_scales]
+    args = [table, xp, *packs, *scales, *row_scales]
     out_type = (jax.ShapeDtypeStruct((split, mp, nw * n), jnp.float32) if split > 1 else
                 jax.ShapeDtypeStruct((mp, n), out_dtype))
     kernel = plgpu.kernel(
