@@ -38,6 +38,7 @@ such scales; a zero-scale block with non-zero codes would not decode to zero).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -52,6 +53,7 @@ _ROW_SLOTS = 2                      # 64-row weight slices per CTA tile (each ow
 _WG_ROWS = 64                       # weight rows per compute warpgroup (wgmma M)
 _CTA_ROWS = _ROW_SLOTS * _WG_ROWS
 _TILE_K = 256                       # 128 B of packed codes and 16 B of scales per row per step (TMA minimum)
+_TABLE_COLS = 32                    # the item table is [rows, 32] int32: 128-byte rows, TMA boxes of <= 256 rows
 _WGMMA = plgpu.Layout.WGMMA
 _WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
 
@@ -181,7 +183,7 @@ def balanced_split_k(units: int, k_steps: int, num_sms: int, max_split: int = 8)
 # at a group's end) leaves a few item indices empty; the kernel skips them.
 
 def _table_width(num_groups: int) -> int:
-    return pl.cdiv(num_groups + 2, 32) * 32       # each half starts a 128-byte line
+    return pl.cdiv(num_groups + 2, _TABLE_COLS) * _TABLE_COLS       # each half starts a 128-byte line
 
 
 def max_items(m: int, num_groups: int, tile_m: int) -> int:
@@ -209,21 +211,26 @@ def item_fields(it, load, m: int, num_groups: int, tile_m: int):
     load_start (a multiple of 8), offset, size (rows [load_start + offset, + size) of x and of the output) and
     valid. Scalar jnp code: the kernel runs it in every thread, the tests vmap it over all items."""
     e, w = num_groups, _table_width(num_groups)
-    # The last segment s in [0, E] whose first item is <= it: an 8-way search, three rounds of independent loads
-    # (SMEM latency is paid per round, not per load; a binary search would take nine dependent rounds at E = 256).
-    seg = jnp.int32(0)
-    stride = 1
-    while stride * 8 <= e:
-        stride *= 8
-    while stride >= 1:
-        hits = [(seg + j * stride <= e) & (load(w + jnp.minimum(seg + j * stride, e)) <= it) for j in range(1, 8)]
-        seg = seg + stride * sum(h.astype(jnp.int32) for h in hits)
-        stride //= 8
+    # The last segment s in [0, E] whose first item is <= it, in two rounds of independent loads (latency is paid
+    # per round, not per load; a binary search would take nine dependent rounds at E = 256): R-way with R * R > E,
+    # the first round at fixed entries (s = R, 2R, ...), the second over the R - 1 entries after the first's
+    # answer; a third reads the segment's bounds.
+    r = 2
+    while r * r <= e:
+        r += 1
+    hits = [(load(w + j * r) <= it) for j in range(1, r) if j * r <= e]
+    base = sum(h.astype(jnp.int32) for h in hits) * r
+    firsts = [load(w + jnp.minimum(base + j, e)) for j in range(r)]         # entries base .. base + R - 1
+    c2 = sum(((base + j <= e) & (firsts[j] <= it)).astype(jnp.int32) for j in range(1, r))
+    seg = base + c2
+    first = firsts[0]
+    for j in range(1, r):       # firsts[c2]: selects (registers cannot be indexed dynamically)
+        first = jnp.where(c2 == j, firsts[j], first)
     a = jnp.minimum(load(seg), m)
     b = jnp.where(seg < e, jnp.minimum(load(jnp.minimum(seg + 1, w - 1)), m), m)
     a8 = a // 8 * 8
     tiles = jnp.where(b > a, (b - a8 + tile_m - 1) // tile_m, 0)
-    j = it - load(w + seg)
+    j = it - first
     valid = j < tiles
     load_start = a8 + jnp.where(valid, j, 0) * tile_m
     lo = jnp.maximum(load_start, a)
@@ -307,11 +314,14 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         rs_gmems = refs[2 * nw:3 * nw]
         rest = refs[3 * nw:]
         o_gmem, scratch = rest[0], rest[1:]
+        if not dims.rows_mode:     # the item table: searched for every unit (~50 scalar loads in two rounds)
+            scratch, (t_smem, t_bar) = scratch[:-2], scratch[-2:]
 
-        def load_table(i):
-            # Every item lookup searches the table (3 KB at E = 256): after the first units its lines stay in L1,
-            # as fast to read as SMEM (which the memory warps cannot load scalars from: no warp-level lowering).
-            return table_gmem[i]
+        def load_table(i, warp):
+            # The compute warpgroups read a copy in SMEM (TMA'd once); Mosaic GPU has no warp-level lowering of
+            # SMEM scalar loads, so the memory warps read global memory (L1 after their first units).
+            ref = table_gmem if warp else t_smem
+            return ref[i // _TABLE_COLS, i % _TABLE_COLS]
         (x_smem, w_smem, s_smem, o_smem, x_bar, w_bar, o_bar, x_free, w_free, o_free, *extra) = scratch
         a_red = extra[:3] if halves == 2 else None          # K-half sums: SMEM, ready and free barriers
         a_smem = extra[3:] if halves == 2 else extra        # interpret mode: wgmma A operands in SMEM
@@ -352,12 +362,12 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
             for st in release_after:
                 plgpu.barrier_arrive(x_free.at[st % stages])
 
-        def fetch(lin):
+        def fetch(lin, warp):
             """The item fields of unit lin (any index past the end: the values go unused)."""
             item = lin // (n_tiles * split)
             if dims.rows_mode:
                 return (table_gmem[jnp.minimum(item, n_items - 1)],)
-            f = item_fields(item, load_table, dims.m, dims.e, tm)
+            f = item_fields(item, functools.partial(load_table, warp=warp), dims.m, dims.e, tm)
             return f["group"], f["load_start"], f["offset"], f["size"], f["valid"]
 
         def unit(lin, raw, warp=False):
@@ -393,13 +403,14 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
             def step(info, carry):
                 count, raw = carry
                 lin = info.index[0]
-                ahead = fetch(lin + num_sms)
+                ahead = fetch(lin + num_sms, warp)
                 return body(unit(lin, raw, warp), count), ahead
 
             # Visit only the item indices that can have rows (read from the table: all threads agree).
-            extent = n_items if dims.rows_mode else item_extent(load_table, dims.m, dims.e, tm)
+            extent = (n_items if dims.rows_mode else
+                      item_extent(functools.partial(load_table, warp=warp), dims.m, dims.e, tm))
             count, _ = plgpu.nd_loop((extent * (n_tiles * split),), collective_axes="sm",
-                                     init_carry=(jnp.int32(0), fetch(sm)))(step)
+                                     init_carry=(jnp.int32(0), fetch(sm, warp)))(step)
             return count
 
         # The memory warps each run their own loop over the units (not one shared loop): a warp_map ends with a
@@ -500,6 +511,8 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         @pl.when(wg < cwgs)
         def _compute_wgs():
             plgpu.set_max_registers(compute_regs, action="increase")    # once, before the loop (it synchronises)
+            if not dims.rows_mode:
+                plgpu.barrier_wait(t_bar)
             n_all = unit_loop(compute_body)
 
             # Observe the last completion of every "free" barrier, so that each thread has waited on every phase
@@ -514,6 +527,9 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         @pl.when(wg == cwgs)
         def _memory_wg():
             plgpu.set_max_registers(memory_regs, action="decrease")
+            if not dims.rows_mode:
+                plgpu.copy_gmem_to_smem(table_gmem, t_smem, t_bar)
+                plgpu.barrier_wait(t_bar)     # (its phase observed by every thread; the warps read global memory)
 
             @plgpu.warp_map
             def _warps(warp_id):
@@ -625,6 +641,8 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         scratch += [red, plgpu.Barrier(num_barriers=_ROW_SLOTS), plgpu.Barrier(num_barriers=_ROW_SLOTS)]
     if interpret:
         scratch.append(plgpu.SMEM((cwgs, max(nw, unroll), _WG_ROWS, tk), jnp.bfloat16))
+    if not dims.rows_mode:
+        scratch += [plgpu.SMEM((2 * _table_width(dims.e) // _TABLE_COLS, _TABLE_COLS), jnp.int32), plgpu.Barrier()]
     return kernel, scratch
 
 
@@ -812,7 +830,9 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
     if not cfg.natural_k:   # the decoded weight operand has K permuted in 32-column groups; permute x to match
         xp = nvfp4_decode.permute_activation(xp)
     if row_group is None:
-        table, n_items = item_table(group_sizes, m, tm), max_items(m, e, tm)
+        if 2 * _table_width(e) // _TABLE_COLS > 256:     # one TMA box
+            raise ValueError(f"grouped_matmul kernel: {e} groups is more than the item table holds (4094)")
+        table, n_items = item_table(group_sizes, m, tm).reshape(-1, _TABLE_COLS), max_items(m, e, tm)
     else:   # the kernel derives each one-row item from its index
         if row_group.shape != (m,):
             raise ValueError(f"row_group must be [{m}], got {list(row_group.shape)}")
