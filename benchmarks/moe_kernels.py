@@ -219,7 +219,7 @@ def sweep(res, tokens):
 
 
 def breakdown(res, tokens=(1, 8, 64, 8192)):
-    """Per-kernel GPU time of our grouped matmul call (the Mosaic kernel vs the XLA glue: work list, K permutation
+    """Per-kernel GPU time of our grouped matmul call (the Mosaic kernel vs the XLA glue: item table, K permutation
     of x, split-K sum), one routing per T."""
     from jax.experimental.mosaic.gpu import profiler
     from pallas_kernels import grouped_matmul as gm

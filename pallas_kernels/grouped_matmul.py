@@ -23,8 +23,9 @@ Structure (per CTA, persistent over the SMs; tokamax's sm90 quantized kernel has
   warpgroups finish the current one.
 - work units: (item, 128-row N tile, K part); `Config.split_k` > 1 splits K over several units (decode sizes,
   to balance the SMs) and the kernel then writes fp32 partial sums that XLA adds.
-- The work list (group, rows) is computed in XLA from `group_sizes` before the launch, compacted so that only
-  groups with rows are visited; rows past sum(group_sizes) get explicit zero items.
+- Work items (group, rows): one XLA launch turns `group_sizes` into a table of prefix sums (`item_table`); every
+  thread finds its unit's item by a search over it (`item_fields`). Only item indices that can have rows are
+  visited; rows past sum(group_sizes) get explicit zero items.
 
 Two epilogues share the body: "linear" (out = acc * row_scale) and "swiglu" (two weights, W1 and W3, in the
 same CTA: out = silu(min(g, L)) * clip(u, -L, L)); the latter is used by `fused_moe`.
@@ -252,7 +253,7 @@ def item_extent(load, m: int, num_groups: int, tile_m: int):
 
 @dataclasses.dataclass(frozen=True)
 class _Dims:
-    m: int          # activation rows (the work list covers exactly these)
+    m: int          # activation rows (the work items cover exactly these)
     k: int
     n: int          # output columns per weight
     e: int
@@ -319,7 +320,10 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
         def load_table(i, warp):
             # The compute warpgroups read a copy in SMEM (TMA'd once); Mosaic GPU has no warp-level lowering of
-            # SMEM scalar loads, so the memory warps read global memory (L1 after their first units).
+            # SMEM scalar loads, so the memory warps read global memory. Measured alternatives (RESULTS.md,
+            # 2026-12-03): every thread from global memory with a 3-round 8-way search, kernel 0.6-6% faster
+            # than this (not GPU-tested, not adopted); every thread from SMEM (the warp rule registered by hand)
+            # 6-10% slower. Either way the per-unit search costs ~0.5 us of kernel time: see RESULTS.md.
             ref = table_gmem if warp else t_smem
             return ref[i // _TABLE_COLS, i % _TABLE_COLS]
         (x_smem, w_smem, s_smem, o_smem, x_bar, w_bar, o_bar, x_free, w_free, o_free, *extra) = scratch
@@ -373,7 +377,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         def unit(lin, raw, warp=False):
             """Work unit lin = (item, 128-row N tile, K part): its fields, the same in every warpgroup; raw is
             fetch(lin). warp: inside a warp_map, where pl.multiple_of does not lower: the row offset is written
-            v // 8 * 8 instead (same value, the work list's offsets are multiples of 8), which layout inference
+            v // 8 * 8 instead (same value, item load starts are multiples of 8), which layout inference
             can prove."""
             aligned = (lambda v: v // 8 * 8) if warp else (lambda v: pl.multiple_of(v, 8))
             item = lin // (n_tiles * split)
@@ -396,8 +400,9 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
         def unit_loop(body, warp=False):
             """This SM's units in order (nd_loop: lin = sm, sm + num_sms, ...), body(unit fields, carry) -> carry
-            (an int32, from 0). Each unit's work-list fields are read one unit ahead, so that the global-memory
-            latency of the read hides behind the unit before instead of stalling the start of every unit."""
+            (an int32, from 0). Each unit's item fields are looked up one unit ahead (the rows mode's one global
+            load then hides behind the unit before; the table search is a chain of dependent loads that stalls
+            where it runs, ~0.5 us per unit: RESULTS.md, 2026-12-03)."""
             sm, num_sms = lax.axis_index("sm"), lax.axis_size("sm")
 
             def step(info, carry):

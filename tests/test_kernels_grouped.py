@@ -1,5 +1,5 @@
-"""CPU: the NVFP4 grouped-matmul kernel's work list, its decode math, and the kernel itself in Mosaic GPU
-interpret mode (the real kernel body, simulated threads and barriers) against pallas_kernels/reference.py.
+"""CPU: the NVFP4 grouped-matmul kernel's work items (table and search), its decode math, and the kernel itself in
+Mosaic GPU interpret mode (the real kernel body, simulated threads and barriers) against pallas_kernels/reference.py.
 
 Bound used for kernel outputs (products exact, fp32 sums in another order, one bf16 rounding of the output):
     |out - ref| <= 2^-8 |ref| + 1e-5 (|x| @ |W|^T)
