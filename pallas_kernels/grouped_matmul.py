@@ -386,7 +386,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
             if dims.rows_mode:
                 # Unsorted rows, one work item each: item r = (group of row r, 8 * (r // 8), r % 8, 1). For a
                 # handful of rows with distinct groups (the k experts of one decode token) this skips sorting
-                # the rows and un-sorting the result, and building a work list (~14 small launches per layer).
+                # the rows and un-sorting the result, and building the item table.
                 gi = jnp.clip(raw[0], 0, dims.e - 1)
                 load_start = aligned(item // 8 * 8)
                 offset = item % 8
