@@ -51,7 +51,8 @@ def supported(x, w1, w3, w2) -> str | None:
 # Up to this many (token, slot) rows go to the kernels unsorted, one work item per row (`row_group` of
 # grouped_matmul._launch): the k experts of one token are distinct, so nothing is streamed twice, and the sort, the
 # gathers in sorted order, the item tables and the un-sort disappear (~14 small launches per layer while the work
-# list took 7 a call; fewer since the item table, 2026-12-03). With more tokens experts repeat and sorting wins (T = 8: 48 rows on ~42 experts would stream 14% more weights).
+# list took 7 a call; fewer since the item table, 2026-12-03). With more tokens experts repeat and sorting wins
+# (T = 8: 48 rows on ~42 experts would stream 14% more weights).
 ROWS_MODE_MAX_ROWS = 16
 ROWS_TILE_M = 8       # one-row items need only wgmma's narrowest N (benchmarks/ncu_experts.py --variants)
 
