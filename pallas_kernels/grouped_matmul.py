@@ -315,7 +315,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         rs_gmems = refs[2 * nw:3 * nw]
         rest = refs[3 * nw:]
         o_gmem, scratch = rest[0], rest[1:]
-        if not dims.rows_mode:     # the item table: searched for every unit (~50 scalar loads in two rounds)
+        if not dims.rows_mode:     # the item table: searched for every unit (~34 scalar loads in three rounds)
             scratch, (t_smem, t_bar) = scratch[:-2], scratch[-2:]
 
         def load_table(i, warp):

@@ -43,7 +43,7 @@ def _assert_close(out, x, w, gs):
     ([300, 1, 0, 211], 512, 128),
     ([1] * 16, 16, 8),
     ([7, 9, 200, -3, 5], 64, 16),              # sizes past M (clamped) and a negative size (no rows)
-    ("random", 1536, 32),                       # 256 groups, skewed: the 8-way search's three rounds
+    ("random", 1536, 32),                       # 256 groups, skewed: both rounds of the 17-way search
     ("random", 48, 16),
 ])
 def test_item_table_covers_every_row_once(sizes, m, tile_m):
