@@ -235,6 +235,24 @@ def breakdown(res, tokens=(1, 8, 64, 8192)):
         out[t] = [(name[:60], round(ms, 4)) for name, ms in kernels]
         print("breakdown", t, out[t], flush=True)
     res["breakdown"] = out
+    # The routed-expert block (fused_moe) the same way: its two kernels against the XLA launches around them.
+    from pallas_kernels import fused_moe
+    w1 = random_nvfp4(jax.random.PRNGKey(1), EXPERTS, INTER, HIDDEN)
+    w3 = random_nvfp4(jax.random.PRNGKey(2), EXPERTS, INTER, HIDDEN)
+    w2 = random_nvfp4(jax.random.PRNGKey(3), EXPERTS, HIDDEN, INTER)
+    f = jax.jit(lambda x, i, tw, w1, w3, w2: fused_moe.moe_experts(x, w1, w3, w2, i, tw, 10.0))
+    fused_out = {}
+    for t in tokens:
+        if t > 256:
+            continue
+        idx, tw = routing(t, seed=7 * t)
+        x = jax.random.normal(jax.random.PRNGKey(0), (t, HIDDEN), jnp.float32).astype(jnp.bfloat16)
+        args = (x, jnp.asarray(idx), jnp.asarray(tw), w1, w3, w2)
+        jax.block_until_ready(f(*args))
+        _, kernels = profiler.measure(f, aggregate=False)(*args)
+        fused_out[t] = [(name[:60], round(ms, 4)) for name, ms in kernels]
+        print("breakdown fused", t, round(sum(ms for _, ms in kernels), 4), fused_out[t], flush=True)
+    res["breakdown_fused"] = fused_out
 
 
 def _u32_pairs(a):

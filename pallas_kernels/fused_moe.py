@@ -86,24 +86,31 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
         route_w = topk_weight.reshape(-1)[order].astype(jnp.float32)                # [M]
         gid = None
 
-    xs = x[token_of_row].astype(jnp.bfloat16)                                         # [M, D]
-    if w1.input_scale is not None:
-        g13, m13 = _shared_input_scale(w1, w3)
-        xs = act_quant.quantize_dequantize_grouped(xs, g13, group_sizes, multiplier=m13, gid=gid)
-    rs1 = gm.epilogue_row_scale(w1.global_scale, e, inter, w1.input_scale)
-    rs3 = gm.epilogue_row_scale(w3.global_scale, e, inter, w3.input_scale)
     n_groups = m if rows_mode else e
     cfg1 = config or _rows_tile(gm.default_config(m, n_groups, num_weights=2, n=inter, k=d), rows_mode)
+    cfg2 = config or _rows_tile(gm.default_config(m, n_groups, n=d, k=inter), rows_mode)
+    if w1.input_scale is not None:      # W4A4: quantize in the natural column order, then prepare
+        g13, m13 = _shared_input_scale(w1, w3)
+        xs = act_quant.quantize_dequantize_grouped(x[token_of_row].astype(jnp.bfloat16), g13, group_sizes,
+                                                   multiplier=m13, gid=gid)
+        xs = gm.prepare_activation(xs, m, cfg1, interpret)
+    else:   # the gather, padding and K permutation of the rows: one launch at decode sizes
+        xs = gm.prepare_activation(x.astype(jnp.bfloat16), m, cfg1, interpret, rows=token_of_row)   # [M', D]
+    rs1 = gm.epilogue_row_scale(w1.global_scale, e, inter, w1.input_scale)
+    rs3 = gm.epilogue_row_scale(w3.global_scale, e, inter, w3.input_scale)
+    # W4A16 down projection: the first launch returns h as the second's operand (padded, permuted).
+    h_ready = w2.input_scale is None
     h = gm._launch(xs, [w1.packed, w3.packed], [w1.block_scale, w3.block_scale], [rs1, rs3], group_sizes,
-                   jnp.dtype(x.dtype), cfg1, "swiglu", swiglu_limit, interpret, row_group=row_group)  # [M, I]
+                   jnp.dtype(x.dtype), cfg1, "swiglu", swiglu_limit, interpret, row_group=row_group, m=m,
+                   prepare_for=cfg2 if h_ready else None)                             # [M, I] or [M', I]
 
-    if w2.input_scale is not None:
+    if not h_ready:
         h = act_quant.quantize_dequantize_grouped(h, w2.input_scale, group_sizes, multiplier=w2.input_multiplier,
                                                   gid=gid)
+        h = gm.prepare_activation(h, m, cfg2, interpret)
     rs2 = gm.epilogue_row_scale(w2.global_scale, e, d, w2.input_scale)
-    cfg2 = config or _rows_tile(gm.default_config(m, n_groups, n=d, k=inter), rows_mode)
     y = gm._launch(h, [w2.packed], [w2.block_scale], [rs2], group_sizes, jnp.dtype(jnp.bfloat16),
-                   cfg2, "linear", None, interpret, row_group=row_group)                # [M, D]
+                   cfg2, "linear", None, interpret, row_group=row_group, m=m)         # [M, D]
     y = y.astype(jnp.float32) * route_w[:, None]
     if not rows_mode:
         inv = jnp.zeros_like(order).at[order].set(jnp.arange(m, dtype=order.dtype))  # order^-1: a scatter

@@ -56,6 +56,9 @@ _CTA_ROWS = _ROW_SLOTS * _WG_ROWS
 _TILE_K = 256                       # 128 B of packed codes and 16 B of scales per row per step (TMA minimum)
 _TABLE_COLS = 32                    # the item table is [rows, 32] int32: 128-byte rows, TMA boxes of <= 256 rows
 _WGMMA = plgpu.Layout.WGMMA
+# Item search (`item_fields`) of the memory warps (global memory) and of the compute warpgroups (the SMEM copy).
+_WARP_SEARCH = os.environ.get("MEGAMOE_WARP_SEARCH", "rway")
+_WG_SEARCH = os.environ.get("MEGAMOE_WG_SEARCH", "binary")
 _WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
 
 
@@ -207,30 +210,52 @@ def item_table(group_sizes: jax.Array, m: int, tile_m: int) -> jax.Array:
     return prefix.reshape(2 * w)
 
 
-def item_fields(it, load, m: int, num_groups: int, tile_m: int):
+def item_fields(it, load, m: int, num_groups: int, tile_m: int, search: str = "rway"):
     """Item `it` from the table (load(i) -> int32 entry i of the flat table): dict of group (-1: zero tail),
     load_start (a multiple of 8), offset, size (rows [load_start + offset, + size) of x and of the output) and
-    valid. Scalar jnp code: the kernel runs it in every thread, the tests vmap it over all items."""
+    valid. Scalar jnp code: the kernel runs it in every thread, the tests vmap it over all items.
+
+    search: how the last segment s in [0, E] whose first item is <= it is found.
+    - "rway": two rounds of independent loads (latency is paid per round, not per load): R-way with R * R > E, the
+      first round at fixed entries (s = R, 2R, ...), the second over the R - 1 entries after the first's answer.
+      ~34 loads and ~350 instructions at E = 256: for global memory, where a round costs ~0.3 us.
+    - "binary": ceil(log2(E + 1)) dependent rounds of one load each, ~70 instructions: for shared memory (a
+      round ~30 cycles), where every compute warp runs the search at each unit boundary and the instruction
+      count is what delays the decode.
+    A last round reads the segment's bounds."""
     e, w = num_groups, _table_width(num_groups)
-    # The last segment s in [0, E] whose first item is <= it, in two rounds of independent loads (latency is paid
-    # per round, not per load; a binary search would take nine dependent rounds at E = 256): R-way with R * R > E,
-    # the first round at fixed entries (s = R, 2R, ...), the second over the R - 1 entries after the first's
-    # answer; a third reads the segment's bounds.
-    r = 2
-    while r * r <= e:
-        r += 1
-    hits = [(load(w + j * r) <= it) for j in range(1, r) if j * r <= e]
-    base = sum(h.astype(jnp.int32) for h in hits) * r
-    firsts = [load(w + jnp.minimum(base + j, e)) for j in range(r)]         # entries base .. base + R - 1
-    c2 = sum(((base + j <= e) & (firsts[j] <= it)).astype(jnp.int32) for j in range(1, r))
-    seg = base + c2
-    first = firsts[0]
-    for j in range(1, r):       # firsts[c2]: selects (registers cannot be indexed dynamically)
-        first = jnp.where(c2 == j, firsts[j], first)
+    if tile_m < 1 or tile_m & (tile_m - 1):
+        raise ValueError(f"tile_m must be a power of two, got {tile_m}")
+    if search == "binary":
+        seg = jnp.int32(0)
+        step = 1 << max(0, e.bit_length() - 1)         # the largest power of two <= E
+        while step:
+            cand = seg + step
+            take = (cand <= e) & (load(w + jnp.minimum(cand, e)) <= it)
+            seg = jnp.where(take, cand, seg)
+            step //= 2
+        first = load(w + seg)
+    elif search == "rway":
+        r = 2
+        while r * r <= e:
+            r += 1
+        hits = [(load(w + j * r) <= it) for j in range(1, r) if j * r <= e]
+        base = sum(h.astype(jnp.int32) for h in hits) * r
+        firsts = [load(w + jnp.minimum(base + j, e)) for j in range(r)]         # entries base .. base + R - 1
+        c2 = sum(((base + j <= e) & (firsts[j] <= it)).astype(jnp.int32) for j in range(1, r))
+        seg = base + c2
+        first = firsts[0]
+        for j in range(1, r):       # firsts[c2]: selects (registers cannot be indexed dynamically)
+            first = jnp.where(c2 == j, firsts[j], first)
+    else:
+        raise ValueError(f"search must be 'rway' or 'binary', got {search!r}")
     a = jnp.minimum(load(seg), m)
     b = jnp.where(seg < e, jnp.minimum(load(jnp.minimum(seg + 1, w - 1)), m), m)
-    a8 = a // 8 * 8
-    tiles = jnp.where(b > a, (b - a8 + tile_m - 1) // tile_m, 0)
+    # Floor division by powers of two as bit operations (the same values for any sign; `//` costs a sign fix-up
+    # of several instructions per use in every thread).
+    shift = tile_m.bit_length() - 1
+    a8 = a & -8
+    tiles = jnp.where(b > a, (b - a8 + tile_m - 1) >> shift, 0)
     j = it - first
     valid = j < tiles
     load_start = a8 + jnp.where(valid, j, 0) * tile_m
@@ -244,7 +269,7 @@ def item_extent(load, m: int, num_groups: int, tile_m: int):
     """Item indices to visit: every item with rows is below this (the tail's last item, or the bound)."""
     e, w = num_groups, _table_width(num_groups)
     a = jnp.minimum(load(e), m)
-    tail = jnp.where(m > a, (m - a // 8 * 8 + tile_m - 1) // tile_m, 0)
+    tail = jnp.where(m > a, (m - (a & -8) + tile_m - 1) >> (tile_m.bit_length() - 1), 0)
     return jnp.minimum(load(w + e) + tail, max_items(m, e, tile_m))
 
 
@@ -371,7 +396,8 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
             item = lin // (n_tiles * split)
             if dims.rows_mode:
                 return (table_gmem[jnp.minimum(item, n_items - 1)],)
-            f = item_fields(item, functools.partial(load_table, warp=warp), dims.m, dims.e, tm)
+            f = item_fields(item, functools.partial(load_table, warp=warp), dims.m, dims.e, tm,
+                            search=_WARP_SEARCH if warp else _WG_SEARCH)
             return f["group"], f["load_start"], f["offset"], f["size"], f["valid"]
 
         def unit(lin, raw, warp=False):
@@ -533,8 +559,9 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         def _memory_wg():
             plgpu.set_max_registers(memory_regs, action="decrease")
             if not dims.rows_mode:
+                # For the compute warpgroups; the warps read global memory and start at once (this thread
+                # observes the barrier's phase after them).
                 plgpu.copy_gmem_to_smem(table_gmem, t_smem, t_bar)
-                plgpu.barrier_wait(t_bar)     # (its phase observed by every thread; the warps read global memory)
 
             @plgpu.warp_map
             def _warps(warp_id):
@@ -619,6 +646,9 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 @pl.when(warp_id == 2)
                 def _():
                     unit_loop(storer, warp=True)
+
+            if not dims.rows_mode:
+                plgpu.barrier_wait(t_bar)
 
     # Weight tiles are kept per (weight, warpgroup) slot of 64 rows: an int4 view of SMEM can only be sliced at
     # static row offsets, and the two views (uint8 for the TMA, int4 for the register load) alias the same bytes.
@@ -818,22 +848,66 @@ def grouped_matmul(x: jax.Array, packed: jax.Array, block_scale: jax.Array, glob
     return out.astype(out_dtype)
 
 
+def padded_rows(m: int, cfg: Config, interpret: bool = False) -> int:
+    """Rows of the activation the kernel reads for m rows: TMA needs a multiple of its 8-row tile, and activation
+    windows may run past row m (TMA zero-fills them on the GPU; interpret mode needs real rows)."""
+    m8 = (m + 7) // 8 * 8
+    return max(m8, cfg.tile_m) if not interpret else m8 + cfg.tile_m
+
+
+# Up to this many rows the activation is padded and permuted by one loop fusion over bf16 (`prepare_activation`);
+# above it the permutation runs on uint32 pairs (`nvfp4_decode.permute_activation`, ~4 TB/s, a second launch
+# when padding is needed).
+_FUSED_PREP_MAX_ROWS = 128
+
+
+def prepare_activation(x: jax.Array, m: int, cfg: Config, interpret: bool = False,
+                       rows: jax.Array | None = None) -> jax.Array:
+    """The kernel's activation operand: x[:m] (or x[rows], rows int [m]) zero-padded to padded_rows(m, cfg) rows
+    and, unless cfg.natural_k, with K permuted to the decoded weights' order (`nvfp4_decode.k_permutation`).
+
+    Small row counts take one XLA launch: the gather, the padding and the permutation fuse into one loop fusion
+    when the permutation is written on bf16 (reshapes, before the gather), where the faster uint32 form of a
+    large activation would be a launch of its own."""
+    mp = padded_rows(m, cfg, interpret)
+    # (With neither a gather nor padding to fuse with, XLA emits the bf16 form as a slow transpose: 4.6 us at 48
+    # rows where the uint32 form takes 1.1, RESULTS.md 2026-12-02.)
+    small = m <= _FUSED_PREP_MAX_ROWS and not cfg.natural_k and (rows is not None or mp != m)
+    if small:
+        src = nvfp4_decode.permute_k(x)                     # fused into its consumer below: no launch of its own
+    else:
+        src = x
+    if rows is not None:
+        idx = jnp.pad(rows.astype(jnp.int32), (0, mp - m))
+        xp = jnp.where((jnp.arange(mp) < m)[:, None], src[idx], jnp.zeros((), x.dtype))
+    else:
+        xp = src[:m] if mp == m else jnp.pad(src[:m], ((0, mp - m), (0, 0)))
+    if not cfg.natural_k and not small:
+        xp = nvfp4_decode.permute_activation(xp)
+    return xp
+
+
 def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, epilogue, swiglu_limit,
-            interpret, row_group=None):
+            interpret, row_group=None, *, m: int | None = None, prepare_for: Config | None = None):
     """Run the kernel: x [M, K] (natural column order), 1 or 2 NVFP4 weights [E, N, K] -> [M, N].
 
     Rows sorted by group (`group_sizes`), or, with row_group [M] given, in any order: one work item per row (rows
-    of one group in different items each stream its weights, so this is for rows whose groups seldom repeat)."""
-    m, k = x.shape
+    of one group in different items each stream its weights, so this is for rows whose groups seldom repeat).
+    m given: x is already `prepare_activation(x, m, cfg)`. prepare_for given: the result is returned as
+    `prepare_activation(result, M, prepare_for)`, the next launch's operand (with a K split, the permutation
+    fuses into the XLA sum of the partials)."""
     e, n, _ = packs[0].shape
     tm = cfg.tile_m
-    # TMA needs the row count a multiple of its 8-row tile; activation windows may run past row m (TMA
-    # zero-fills them on the GPU, interpret mode needs real rows). Padding copies x only when m % 8 != 0.
-    m8 = (m + 7) // 8 * 8
-    mp = max(m8, tm) if not interpret else m8 + tm
-    xp = x if mp == m else jnp.pad(x, ((0, mp - m), (0, 0)))
-    if not cfg.natural_k:   # the decoded weight operand has K permuted in 32-column groups; permute x to match
-        xp = nvfp4_decode.permute_activation(xp)
+    if m is None:
+        m = x.shape[0]
+        xp = prepare_activation(x, m, cfg, interpret)
+    else:
+        if x.shape[0] != padded_rows(m, cfg, interpret):
+            raise ValueError(f"a prepared activation for {m} rows has {padded_rows(m, cfg, interpret)} rows, got "
+                             f"{x.shape[0]}")
+        xp = x
+    k = x.shape[1]
+    mp = xp.shape[0]
     if row_group is None:
         if 2 * _table_width(e) // _TABLE_COLS > 256:     # one TMA box
             raise ValueError(f"grouped_matmul kernel: {e} groups is more than the item table holds (4094)")
@@ -867,11 +941,23 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
     )
     out = kernel(*args)
     if split > 1:   # every (split, row, column) was written once: add the partials, then the epilogue
-        part = out[:, :m].sum(axis=0)                                                    # [M, nw * N] fp32
+        part = out[:, :m]                                                           # [split, M, nw * N] fp32
+        permute_first = prepare_for is not None and not prepare_for.natural_k and n % 32 == 0
+        if permute_first:   # permute each weight's columns here: XLA fuses it into the sum (one launch)
+            part = nvfp4_decode.permute_k(part.reshape(split, m, nw, n)).reshape(split, m, nw * n)
+        part = part.sum(axis=0)                                                     # [M, nw * N] fp32
         if epilogue == "swiglu":
             lim = float(swiglu_limit) if (swiglu_limit is not None and swiglu_limit > 0) else None
             part = _swiglu(part[:, :n], part[:, n:], lim)
-        return part.astype(out_dtype)
+        res = part.astype(out_dtype)
+        if prepare_for is None:
+            return res
+        if permute_first:
+            mp2 = padded_rows(m, prepare_for, interpret)
+            return jnp.pad(res, ((0, mp2 - m), (0, 0)))
+        return prepare_activation(res, m, prepare_for, interpret)
+    if prepare_for is not None:
+        return prepare_activation(out, m, prepare_for, interpret)
     return out if mp == m else out[:m]
 
 

@@ -45,8 +45,10 @@ def _assert_close(out, x, w, gs):
     ([7, 9, 200, -3, 5], 64, 16),              # sizes past M (clamped) and a negative size (no rows)
     ("random", 1536, 32),                       # 256 groups, skewed: both rounds of the 17-way search
     ("random", 48, 16),
+    ([2] * 5, 10, 8),                           # E + 1 = 6 segments: the binary search's steps run past E
 ])
-def test_item_table_covers_every_row_once(sizes, m, tile_m):
+@pytest.mark.parametrize("search", ["rway", "binary"])
+def test_item_table_covers_every_row_once(sizes, m, tile_m, search):
     if sizes == "random":
         rng = np.random.default_rng(m)
         sizes = np.bincount(rng.choice(256, m, p=rng.dirichlet(np.full(256, 0.3))), minlength=256)
@@ -56,7 +58,7 @@ def test_item_table_covers_every_row_once(sizes, m, tile_m):
     bound = gm.max_items(m, e, tile_m)
     load = lambda i: jnp.asarray(table)[i]     # noqa: E731
     its = jnp.arange(bound + 40, dtype=jnp.int32)
-    f = {k: np.asarray(v) for k, v in jax.vmap(lambda i: gm.item_fields(i, load, m, e, tile_m))(its).items()}
+    f = {k: np.asarray(v) for k, v in jax.vmap(lambda i: gm.item_fields(i, load, m, e, tile_m, search))(its).items()}
     extent = int(gm.item_extent(load, m, e, tile_m))
     assert extent <= bound and not f["valid"][extent:].any()
     ends = np.minimum(np.cumsum(np.maximum(sizes, 0)), m)
@@ -178,3 +180,25 @@ def test_split_k_policy_balances_decode_sizes():
         gm.Config(compute_wgs=3)
     with pytest.raises(ValueError, match="natural_k"):
         gm.Config(compute_wgs=4, natural_k=True)
+
+
+@pytest.mark.parametrize("m,gather,cfg", [
+    (6, True, gm.Config(tile_m=8)),                   # one decode token's rows: the fused bf16 form
+    (6, False, gm.Config(tile_m=16)),                 # padded to the row tile
+    (48, False, gm.Config(tile_m=16)),                # no padding, no gather: the uint32 form
+    (200, True, gm.Config(tile_m=32)),                # above the fused-form limit: gather, then uint32 form
+    (13, True, gm.Config(tile_m=64, natural_k=True)),  # natural K: gather and pad only
+])
+@pytest.mark.parametrize("interpret", [False, True])
+def test_prepare_activation_pads_gathers_and_permutes(m, gather, cfg, interpret):
+    k = 512
+    x = jax.random.normal(jax.random.PRNGKey(m), (m + 3, k)).astype(jnp.bfloat16)
+    rows = np.random.default_rng(m).integers(0, m + 3, m).astype(np.int32)
+    got = np.asarray(jax.jit(lambda x, r: gm.prepare_activation(x, m, cfg, interpret, rows=r if gather else None))(
+        x, jnp.asarray(rows)))
+    src = np.asarray(x)[rows] if gather else np.asarray(x)[:m]
+    mp = gm.padded_rows(m, cfg, interpret)
+    want = np.zeros((mp, k), src.dtype)
+    want[:m] = src if cfg.natural_k else src[:, nvfp4_decode.k_permutation(k)]
+    assert got.shape == (mp, k) and mp % 8 == 0 and mp >= max(m, cfg.tile_m)
+    np.testing.assert_array_equal(got, want)
