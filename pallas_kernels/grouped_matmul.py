@@ -38,7 +38,6 @@ such scales; a zero-scale block with non-zero codes would not decode to zero).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -63,15 +62,6 @@ _WGMMA = plgpu.Layout.WGMMA
 _WARP_SEARCH = "rway"
 _WG_SEARCH = "binary"
 _WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
-# Kernel timelines: MEGAMOE_KERNEL_PROFILE=DIR turns on Mosaic GPU's on-device profiler (one trace per warpgroup,
-# written under DIR at the first call of each compiled kernel; benchmarks/kernel_trace.py reads them). Unset, the
-# regions below are no-ops and the kernel is unchanged.
-_PROFILE_DIR = os.environ.get("MEGAMOE_KERNEL_PROFILE", "")
-_PROFILE_SPACE = 320        # regions per warpgroup (bounds-checked: a longer trace is truncated)
-
-
-def _region(name: str):
-    return jax.named_scope(name) if _PROFILE_DIR else contextlib.nullcontext()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -446,8 +436,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
             def step(info, carry):
                 count, raw = carry
                 lin = info.index[0]
-                with _region("fetch"):
-                    ahead = fetch(lin + num_sms, warp)
+                ahead = fetch(lin + num_sms, warp)
                 return body(unit(lin, raw, warp), count), ahead
 
             # Visit only the item indices that can have rows (read from the table: all threads agree).
@@ -471,26 +460,22 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 sis = [lax.rem(kk * unroll + u, stages) for u in range(unroll)]
                 a_ops = []      # (stage slot, weight, operand), in K order per weight
                 for si in sis:
-                    with _region("wait_w"):
-                        plgpu.barrier_wait(w_bar.at[si])
-                    with _region("decode"):
-                        for j in range(nw):
-                            slot = j * _ROW_SLOTS + rs      # this warpgroup's 64 rows of weight j
-                            a_ops.append((si, j, _decode_operand(
-                                w_u8.at[si, slot], w_i4.at[si, slot], s_smem.at[si, slot], variant,
-                                cfg.natural_k, interpret, k_half=kh)))
+                    plgpu.barrier_wait(w_bar.at[si])
+                    for j in range(nw):
+                        slot = j * _ROW_SLOTS + rs      # this warpgroup's 64 rows of weight j
+                        a_ops.append((si, j, _decode_operand(
+                            w_u8.at[si, slot], w_i4.at[si, slot], s_smem.at[si, slot], variant,
+                            cfg.natural_k, interpret, k_half=kh)))
                     plgpu.barrier_arrive(w_free.at[si])
                 for n, (si, j, a_op) in enumerate(a_ops):
                     if j == 0:      # the step's first tile: its activation slot must have landed
-                        with _region("wait_x"):
-                            plgpu.barrier_wait(x_bar.at[si])
+                        plgpu.barrier_wait(x_bar.at[si])
                     if interpret:   # the interpreter's wgmma takes its A operand from SMEM only
                         a_buf = a_smem[0].at[wg, n, :, xcols]
                         a_buf[...] = a_op
                         a_op = a_buf
                     plgpu.wgmma(accs[j], a_op, x_smem.at[si, :, xcols].T)
-                with _region("mma"):
-                    plgpu.wgmma_wait(0)
+                plgpu.wgmma_wait(0)
                 for si in sis:
                     plgpu.barrier_arrive(x_free.at[si])
 
@@ -518,10 +503,6 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 accs = pl.run_scoped(acc_scope, *[plgpu.ACC((_WG_ROWS, tm))] * nw)
 
                 def finish(accs):      # row scale, SwiGLU, output tile to SMEM for the storer
-                    with _region("epilogue"):
-                        _finish(accs)
-
-                def _finish(accs):
                     scaled = [_apply_row_scale(accs[j], row_scales[j], tm, dims) for j in range(nw)]
                     if split > 1:     # fp32 partial sums of every weight; the caller reduces (and applies SwiGLU)
                         outs = scaled
@@ -544,16 +525,14 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
                 @pl.when(kh == 1)       # the second K half hands its sums to the first
                 def _():
-                    with _region("hand_over"):
-                        pl.when(carry_all > 0)(lambda: plgpu.barrier_wait(red_free.at[rs]))
-                        for j in range(nw):
-                            red_smem.at[j * _ROW_SLOTS + rs][...] = accs[j]
-                        plgpu.barrier_arrive(red_bar.at[rs])
+                    pl.when(carry_all > 0)(lambda: plgpu.barrier_wait(red_free.at[rs]))
+                    for j in range(nw):
+                        red_smem.at[j * _ROW_SLOTS + rs][...] = accs[j]
+                    plgpu.barrier_arrive(red_bar.at[rs])
 
                 @pl.when(kh == 0)
                 def _():
-                    with _region("wait_half"):
-                        plgpu.barrier_wait(red_bar.at[rs])
+                    plgpu.barrier_wait(red_bar.at[rs])
                     total = [accs[j] + red_smem.at[j * _ROW_SLOTS + rs][...] for j in range(nw)]
                     plgpu.barrier_arrive(red_free.at[rs])
                     finish(total)
@@ -564,10 +543,9 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
         @pl.when(wg < cwgs)
         def _compute_wgs():
-            with _region("setup"):
-                plgpu.set_max_registers(compute_regs, action="increase")    # once, before the loop (it synchronises)
-                if not dims.rows_mode:
-                    plgpu.barrier_wait(t_bar)
+            plgpu.set_max_registers(compute_regs, action="increase")    # once, before the loop (it synchronises)
+            if not dims.rows_mode:
+                plgpu.barrier_wait(t_bar)
             n_all = unit_loop(compute_body)
 
             # Observe the last completion of every "free" barrier, so that each thread has waited on every phase
@@ -598,8 +576,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                         @pl.loop(0, k_iters)
                         def _(ki):
                             si = lax.rem(ki, stages)
-                            with _region("wait_free"):
-                                pl.when((ki >= stages) | (carry_mm > 0))(lambda: plgpu.barrier_wait(w_free.at[si]))
+                            pl.when((ki >= stages) | (carry_mm > 0))(lambda: plgpu.barrier_wait(w_free.at[si]))
                             for j in range(nw):
                                 for h in range(_ROW_SLOTS):
                                     src_rows = pl.ds(ni * _CTA_ROWS + h * _WG_ROWS, _WG_ROWS)
@@ -961,10 +938,7 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
         grid_names=("sm",),
         num_threads=cfg.compute_wgs + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
-            **(dict(profile_space=_PROFILE_SPACE, profile_dir=_PROFILE_DIR, profile_bounds_check=True)
-               if _PROFILE_DIR and not interpret else {})),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=_interpret_params() if interpret else None,
     )
     out = kernel(*args)
