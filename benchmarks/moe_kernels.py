@@ -154,6 +154,10 @@ def grouped(res, tokens, baselines: bool, n_routings: int = 3):
 # for themselves on the skewed load: at 16 rows an expert with 25 rows takes two items and streams its weights
 # twice (T = 64: 4-5% more weight bytes than touched; T = 256: 40-45%; 32 rows: 0% / 9-11%, 64 rows: 0% / 1%).
 SWEEP = {
+    # Decode K splits (balanced_split_k models the busiest SM with min(M, E) items; the skewed load touches
+    # fewer groups: T = 8 routes 48 rows to 30-38 experts, 960-1216 units where the model assumed 1536).
+    1: [dict(tile_m=16, num_stages=6, k_unroll=2, compute_wgs=4, split_k=s) for s in (1, 4)],
+    8: [dict(tile_m=16, num_stages=6, k_unroll=2, compute_wgs=4, split_k=s) for s in (2, 4)],
     64: [dict(tile_m=16, num_stages=6, k_unroll=2, compute_wgs=2), dict(tile_m=16, num_stages=6, k_unroll=2, compute_wgs=4),
          dict(tile_m=32, num_stages=5, k_unroll=2, compute_wgs=2), dict(tile_m=32, num_stages=5, k_unroll=2, compute_wgs=4)],
     256: [dict(tile_m=16, num_stages=6, k_unroll=2, compute_wgs=4), dict(tile_m=32, num_stages=5, k_unroll=2),

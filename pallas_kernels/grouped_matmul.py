@@ -342,15 +342,15 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         rs_gmems = refs[2 * nw:3 * nw]
         rest = refs[3 * nw:]
         o_gmem, scratch = rest[0], rest[1:]
-        if not dims.rows_mode:     # the item table: searched for every unit (~34 scalar loads in three rounds)
+        if not dims.rows_mode:     # the item table: searched for every unit (`item_fields`)
             scratch, (t_smem, t_bar) = scratch[:-2], scratch[-2:]
 
         def load_table(i, warp):
-            # The compute warpgroups read a copy in SMEM (TMA'd once); Mosaic GPU has no warp-level lowering of
-            # SMEM scalar loads, so the memory warps read global memory. Measured alternatives (RESULTS.md,
-            # 2026-12-03): every thread from global memory with a 3-round 8-way search, kernel 0.6-6% faster
-            # than this (not GPU-tested, not adopted); every thread from SMEM (the warp rule registered by hand)
-            # 6-10% slower. Either way the per-unit search costs ~0.5 us of kernel time: see RESULTS.md.
+            # The compute warpgroups read a copy in SMEM (TMA'd once) with a binary search; Mosaic GPU has no
+            # warp-level lowering of SMEM scalar loads, so the memory warps read global memory (17-way search, two
+            # rounds of loads). All 16 compute warps run their search at every unit boundary, so its instruction
+            # count is what costs (the PTX has plain ld.shared, no barrier): RESULTS.md, 2026-12-03, sessions
+            # 11-12.
             ref = table_gmem if warp else t_smem
             return ref[i // _TABLE_COLS, i % _TABLE_COLS]
         (x_smem, w_smem, s_smem, o_smem, x_bar, w_bar, o_bar, x_free, w_free, o_free, *extra) = scratch
@@ -429,8 +429,8 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         def unit_loop(body, warp=False):
             """This SM's units in order (nd_loop: lin = sm, sm + num_sms, ...), body(unit fields, carry) -> carry
             (an int32, from 0). Each unit's item fields are looked up one unit ahead (the rows mode's one global
-            load then hides behind the unit before; the table search is a chain of dependent loads that stalls
-            where it runs, ~0.5 us per unit: RESULTS.md, 2026-12-03)."""
+            load then hides behind the unit before; the table search runs where it is issued, ahead of the
+            unit's first wait)."""
             sm, num_sms = lax.axis_index("sm"), lax.axis_size("sm")
 
             def step(info, carry):
