@@ -7,7 +7,9 @@ popularity drawn from Dirichlet(0.3) (a skewed, realistic load). Decode T in {1,
 
 Sections: ceilings (device copy, bf16 matmul), grouped (our grouped matmul on the gate/up shape, N = 2 x 2048,
 plus the baselines: lax.ragged_dot bf16, Pallas ragged_dot_mgpu bf16, XLA dequantize + ragged_dot, tokamax when
-importable), fused (the whole routed-expert block), actquant (the activation quantizer at 8192 x 4096).
+importable; at decode sizes also `copy_same_bytes_tbps`, a device copy moving the call's bytes per launch, the
+ceiling with launch and ramp-up included; the issue's target is the large copy's rate), fused (the whole
+routed-expert block), actquant (the activation quantizer at 8192 x 4096).
 Times are medians of CUPTI-measured GPU time (all kernels of the call), over several routings so that repeated
 runs do not sit in L2. Out-of-memory and other failures are caught and reported as such. Prints a table and
 writes results.json.
@@ -75,6 +77,35 @@ def measure(f, *argsets, iterations: int = 5) -> float:
     return statistics.median(times)
 
 
+def copy_ring(nbytes: float, ring_bytes: float = 256e6):
+    """A jitted copy that moves `nbytes` per launch (half read, half written) and its arguments: a ring of distinct
+    bf16 buffers, more than L2 in all, copied in sequence in one call. Optimization barriers keep XLA from fusing the
+    copies into fewer launches."""
+    n = max(8, int(nbytes // 4))                    # elements per buffer: 2 bytes read + 2 written each
+    ring = min(64, max(2, -(-int(ring_bytes) // (2 * n))))
+    bufs = [jnp.full((n,), i, jnp.bfloat16) for i in range(ring)]
+
+    def f(*bufs):
+        outs, prev = [], None
+        for b in bufs:
+            if prev is not None:
+                prev, b = jax.lax.optimization_barrier((prev, b))
+            prev = b * 2
+            outs.append(prev)
+        return outs
+    return jax.jit(f), bufs
+
+
+def copy_at(nbytes: float) -> float:
+    """TB/s of a device copy of `nbytes` (read + write) per launch: the copy ceiling at a decode kernel's size, where
+    launch, ramp-up and drain weigh as much as in the kernel (median per-launch CUPTI time over the ring)."""
+    from jax.experimental.mosaic.gpu import profiler
+    f, bufs = copy_ring(nbytes)
+    jax.block_until_ready(f(*bufs))
+    _, kernels = profiler.measure(f, aggregate=False)(*bufs)
+    return 4 * bufs[0].size / (statistics.median(ms for _, ms in kernels) * 1e-3) / 1e12
+
+
 def safe(fn, *a, **kw):
     """Run a measurement; on OOM or any failure return the error text instead of crashing the run."""
     try:
@@ -133,6 +164,8 @@ def grouped(res, tokens, baselines: bool, n_routings: int = 3):
         if isinstance(ms, float):
             row["ours_tbps"] = (wbytes + io) / (ms * 1e-3) / 1e12
             row["ours_tflops"] = flops / (ms * 1e-3) / 1e12
+        if t <= 256:    # decode: the copy ceiling at this size too (the target is the large copy's rate)
+            row["copy_same_bytes_tbps"] = safe(copy_at, wbytes + io)
         if baselines:
             if wb is None:
                 wb = jnp.swapaxes(nvfp4.dequantize(w, jnp.bfloat16), 1, 2)      # [E, K, N] bf16, 8.6 GB
