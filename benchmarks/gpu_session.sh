@@ -2,7 +2,7 @@
 # Everything the GPU machine is needed for, in one call, most important first; each step is bounded so a slow
 # one cannot eat the rest, and each step's log lands in $OUT (or ./out) for RESULTS.md.
 #
-#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests fused experts decode decode_b1 decode_ab decode_cb profile ncu kernels breakdown
+#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests fused experts decode decode_b1 decode_ab decode_cb profile ncu kernels sweep breakdown
 #
 # One device call may run 600 s and each step is bounded, so e.g. `decode shard` (~500 s) or `tests` + `experts`
 # (~450 s) fit one call each, and `kernels` (~280 s with every baseline) nearly fills one on its own.
@@ -76,8 +76,10 @@ for s in "${steps[@]}"; do
     kernels) # ~280 s on an H200 with every baseline (2026-12-02; XLA's ragged_dot takes 135 ms a call at T = 2048)
              step kernels 560 python benchmarks/moe_kernels.py --sections ceilings,permute,grouped,fused,actquant \
                               --tokens 1,8,64,256,2048,8192 --out "$out" ;;
+    sweep)   # frozen configs against default_config (moe_kernels.SWEEP: decode K splits at T = 1, 8; row tiles)
+             step sweep 300 python benchmarks/moe_kernels.py --sections sweep --tokens "${TOKENS:-1,8,64}" --out "$out" ;;
     breakdown) # the grouped call's XLA glue against its kernel, per launch (decode sizes)
              step breakdown 90 python benchmarks/moe_kernels.py --sections breakdown --tokens 1,8,64 --out "$out" ;;
-    *) echo "unknown step $s (sinkhorn shard tests fused experts decode decode_b1 decode_ab decode_cb profile ncu kernels breakdown)" >&2; exit 2 ;;
+    *) echo "unknown step $s (sinkhorn shard tests fused experts decode decode_b1 decode_ab decode_cb profile ncu kernels sweep breakdown)" >&2; exit 2 ;;
   esac
 done
