@@ -2,7 +2,7 @@
 # Everything the GPU machine is needed for, in one call, most important first; each step is bounded so a slow
 # one cannot eat the rest, and each step's log lands in $OUT (or ./out) for RESULTS.md.
 #
-#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests fused experts decode decode_b1 decode_ab decode_cb profile ncu kernels sweep breakdown
+#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests fused experts prefetch decode decode_b1 decode_ab decode_cb profile ncu kernels sweep breakdown
 #
 # One device call may run 600 s and each step is bounded, so e.g. `decode shard` (~500 s) or `tests` + `experts`
 # (~450 s) fit one call each, and `kernels` (~280 s with every baseline) nearly fills one on its own.
@@ -49,6 +49,10 @@ for s in "${steps[@]}"; do
              # everywhere and four everywhere (ncu_experts.py lists the other variants)
              step experts 150 python benchmarks/ncu_experts.py --time --tokens-list "${TOKENS:-1,2,8,64}" \
                   --variants "${VARIANTS:-default,wg2,wg4}" ;;
+    prefetch)  # same-process A/B of the rows mode's L2 prefetch of the down weights (fused_moe.PREFETCH_DOWN), also
+             # as a chain of calls on disjoint experts (a decode step's layers: weights cold in L2)
+             step prefetch 200 python benchmarks/ncu_experts.py --time --tokens-list "${TOKENS:-1,2}" \
+                  --variants "${VARIANTS:-default,pf_none,pf_exit}" --chain "${CHAIN:-8}" ;;
     decode_b1)  # batch 1 only, same-process A/B of the routed rows (unsorted one-row items vs sorted), marginal step
              step decode_b1 200 python benchmarks/model_decode.py --formats nvfp4 --batches 1 --steps 32 \
                   --marginal-steps "${MARGINAL:-128}" --repeats "${REPEATS:-2}" --variants "${VARIANTS:-default,sorted_moe}" \
@@ -80,6 +84,6 @@ for s in "${steps[@]}"; do
              step sweep 300 python benchmarks/moe_kernels.py --sections sweep --tokens "${TOKENS:-1,8,64}" --out "$out" ;;
     breakdown) # the grouped call's XLA glue against its kernel, per launch (decode sizes)
              step breakdown 90 python benchmarks/moe_kernels.py --sections breakdown --tokens 1,8,64 --out "$out" ;;
-    *) echo "unknown step $s (sinkhorn shard tests fused experts decode decode_b1 decode_ab decode_cb profile ncu kernels sweep breakdown)" >&2; exit 2 ;;
+    *) echo "unknown step $s (sinkhorn shard tests fused experts prefetch decode decode_b1 decode_ab decode_cb profile ncu kernels sweep breakdown)" >&2; exit 2 ;;
   esac
 done

@@ -34,12 +34,16 @@ def main():
     ap.add_argument("--variants", default="default",
                     help="with --time: comma list of default, sorted (rows sorted by expert), rows16 (one-row "
                          "items in 16-row tiles), overlap (pipelined K loop in the SwiGLU kernel), nosplit (no K "
-                         "split), unroll1 (down kernel: one K step per wait)")
+                         "split), unroll1 (down kernel: one K step per wait), pf_none / pf_exit (rows mode: no L2 "
+                         "prefetch of the down weights / issued when gate/up stores its last tile)")
+    ap.add_argument("--chain", type=int, default=0,
+                    help="with --time: also time CHAIN calls in one program, each on other experts (a decode "
+                         "step's layers: every call's weights are cold in L2), output fed to the next call")
     ap.add_argument("--copy-tb-s", type=float, default=3.29, help="copy rate for the floor (measured, sustained)")
     args = ap.parse_args()
     if args.time:
         return time_tokens([int(t) for t in str(args.tokens_list or args.tokens).split(",")], args.copy_tb_s,
-                           args.variants.split(","))
+                           args.variants.split(","), args.chain)
     e, d, i, k = 256, 4096, 2048, 6
     keys = jax.random.split(jax.random.key(0), 4)
     w1, w3, w2 = (random_nvfp4(keys[0], (e, i, d)), random_nvfp4(keys[1], (e, i, d)),
@@ -68,9 +72,11 @@ def _set_variant(variant):
     """default; sorted (rows always sorted by expert); rows16 (one-row items in 16-row tiles); overlap (the
     SwiGLU kernel's pipelined K loop, Config.overlap_mma); nosplit (Config.split_k = 1); unroll1 (k_unroll = 1);
     wg2 / wg4 (Config.compute_wgs); wg4_nosplit (four compute warpgroups, no K split); split2x (twice the
-    default K split where it is > 1)."""
-    if variant not in ("default", "sorted", "rows16", *_CONFIG_VARIANTS):
+    default K split where it is > 1); pf_none / pf_exit / pf_loads (fused_moe.PREFETCH_DOWN: None, "exit",
+    "loads")."""
+    if variant not in ("default", "sorted", "rows16", *_PREFETCH_VARIANTS, *_CONFIG_VARIANTS):
         raise ValueError(f"unknown variant {variant!r}")
+    fused_moe.PREFETCH_DOWN = _PREFETCH_VARIANTS.get(variant, _DEFAULTS[3])
     fused_moe.ROWS_MODE_MAX_ROWS = 0 if variant == "sorted" else _DEFAULTS[0]
     fused_moe.ROWS_TILE_M = 16 if variant == "rows16" else _DEFAULTS[1]
     change = _CONFIG_VARIANTS.get(variant)
@@ -81,10 +87,11 @@ def _set_variant(variant):
     fused_moe._rows_tile = changed if change else _DEFAULTS[2]
 
 
-_DEFAULTS = (fused_moe.ROWS_MODE_MAX_ROWS, fused_moe.ROWS_TILE_M, fused_moe._rows_tile)
+_DEFAULTS = (fused_moe.ROWS_MODE_MAX_ROWS, fused_moe.ROWS_TILE_M, fused_moe._rows_tile, fused_moe.PREFETCH_DOWN)
+_PREFETCH_VARIANTS = {"pf_none": None, "pf_exit": "exit", "pf_loads": "loads"}
 
 
-def time_tokens(tokens, copy_tb_s, variants=("default",)):
+def time_tokens(tokens, copy_tb_s, variants=("default",), chain=0):
     import statistics
     from jax.experimental.mosaic.gpu import profiler
     e, d, i, k = 256, 4096, 2048, 6
@@ -110,6 +117,39 @@ def time_tokens(tokens, copy_tb_s, variants=("default",)):
         call = statistics.median(calls)
         print(f"| {variant} | {t} | {touched} | {call:.4f} | {', '.join(f'{v:.4f}' for v in ks)} | {floor:.4f} | "
               f"{call / floor:.2f}x |", flush=True)
+        if chain:
+            c_call, c_ks, c_touched = time_chain(t, chain, (w1, w3, w2), x)
+            c_floor = c_touched * 3 * d * i * 0.5625 / (copy_tb_s * 1e12) * 1e3
+            print(f"| {variant} chain{chain} | {t} | {c_touched:g} | {c_call:.4f} | "
+                  f"{', '.join(f'{v:.4f}' for v in c_ks)} | {c_floor:.4f} | {c_call / c_floor:.2f}x |", flush=True)
+
+
+def time_chain(t, calls, weights, x, e=256, k=6):
+    """`calls` MoE calls in one jitted program, each on experts the previous calls did not touch (consecutive
+    slices of one permutation), each call's output the next one's input, as a decode step's layers: no call finds
+    its weights in L2. Returns per call: the median CUPTI GPU time (ms), the mean of each Mosaic kernel's time in
+    call order (gate/up, down), and the touched experts."""
+    import statistics
+    from jax.experimental.mosaic.gpu import profiler
+    perm = np.random.default_rng(1000 + t).permutation(e)
+    pos = np.arange(calls * t * k).reshape(calls, t, k)
+    idx = jnp.asarray(perm[pos % e], jnp.int32)                                   # [calls, T, k]
+    touched = float(np.mean([len(np.unique(perm[p % e])) for p in pos]))
+    wts = jnp.full((t, k), 1.0 / k, jnp.float32)
+
+    def run(x, a, b, c, idx, w):
+        for j in range(calls):
+            x = fused_moe.moe_experts(x, a, b, c, idx[j], w, 10.0)
+        return x
+    f = jax.jit(run)
+    args = (x, *weights, idx, wts)
+    jax.block_until_ready(f(*args))
+    total = statistics.median([profiler.measure(f)(*args)[1] for _ in range(5)])
+    _, kern = profiler.measure(f, aggregate=False)(*args)
+    ks = [ms for name, ms in kern if "mosaic" in name.lower()]
+    per = len(ks) // calls
+    means = [float(np.mean(ks[j::per])) for j in range(per)] if per else []
+    return total / calls, means, touched
 
 
 if __name__ == "__main__":

@@ -290,6 +290,8 @@ class _Dims:
     n_items: int    # static bound on the item indices with rows (max_items; M in rows mode)
     rows_mode: bool = False   # items are one row each, in order: the table is just the row's group [M]
     split_k: int = 1          # > 1: each unit sums K / split_k; fp32 partials [split_k, M, nw * N] are the output
+    prefetch_rows: int = 0    # rows mode: L2-prefetch the next kernel's weight [E, N2, K2] of the first rows' groups
+    prefetch_at: str = "loads"  # when: "loads" (this SM's weight loads all issued) or "exit" (its last store done)
 
 
 def _transforms(dtype, swizzle=128):
@@ -341,7 +343,15 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         s_gmems = refs[nw:2 * nw]
         rs_gmems = refs[2 * nw:3 * nw]
         rest = refs[3 * nw:]
+        if dims.prefetch_rows:
+            pf_packed, pf_scales, rest = rest[0], rest[1], rest[2:]
         o_gmem, scratch = rest[0], rest[1:]
+
+        def prefetch_next_weight():
+            # A warp's lanes each ask L2 for a few rows of the next kernel's weights (fire and forget): the HBM
+            # then streams them while this kernel drains and the next one launches, when it would be idle.
+            if dims.prefetch_rows and not interpret:
+                _prefetch_rows_l2(table_gmem, pf_packed, pf_scales, dims.prefetch_rows, _num_sms())
         if not dims.rows_mode:     # the item table: searched for every unit (`item_fields`)
             scratch, (t_smem, t_bar) = scratch[:-2], scratch[-2:]
 
@@ -637,8 +647,10 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
                 for wid, loader, bar in ((0, w_loader, w_free), (1, x_loader, x_free)):
                     @pl.when(warp_id == wid)
-                    def _(loader=loader, bar=bar):
+                    def _(loader=loader, bar=bar, wid=wid):
                         n_mm = unit_loop(loader, warp=True)
+                        if wid == 0 and dims.prefetch_at == "loads":
+                            prefetch_next_weight()
 
                         @pl.when(n_mm > 0)
                         def _():
@@ -648,6 +660,8 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 @pl.when(warp_id == 2)
                 def _():
                     unit_loop(storer, warp=True)
+                    if dims.prefetch_at == "exit":
+                        prefetch_next_weight()
 
             if not dims.rows_mode:
                 plgpu.barrier_wait(t_bar)
@@ -681,6 +695,64 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
     if not dims.rows_mode:
         scratch += [plgpu.SMEM((2 * _table_width(dims.e) // _TABLE_COLS, _TABLE_COLS), jnp.int32), plgpu.Barrier()]
     return kernel, scratch
+
+
+# Weight rows per L2 prefetch request (`_prefetch_rows_l2`): 32 rows of V4-Flash's down projection are 32 KB of
+# codes and 4 KB of scales: 6 experts are 768 requests, ~6 per SM (one lane each, of one warp per SM).
+_PREFETCH_ROWS = 32
+# Bytes of a following kernel's weights that one launch asks L2 to hold (H100/H200: 50 MB of L2, which the
+# streaming kernel's own tiles pass through as well).
+L2_PREFETCH_BUDGET = 32 << 20
+
+
+def prefetch_rows_for(packed_shape, m: int, budget_bytes: int = L2_PREFETCH_BUDGET) -> int:
+    """How many of the m rows' groups an L2 prefetch of a weight [E, N, K/2] (and its scales) covers within the
+    budget (0: none). In rows mode the groups of one decode token are distinct, so a row is a whole weight."""
+    e, n, k2 = packed_shape
+    if n % _PREFETCH_ROWS or (k2 // 8) % 16:      # bulk prefetches move multiples of 16 bytes
+        return 0
+    per_group = n * k2 * 9 // 8                    # codes and E4M3 block scales
+    return max(0, min(m, budget_bytes // per_group))
+
+
+def _prefetch_rows_l2(table_gmem, packed_gmem, scale_gmem, rows: int, num_sms: int):
+    """Inside the kernel, one warp: ask L2 for the weights [g, :, :] (codes and scales) of the groups g = table[r]
+    of rows r < rows, in _PREFETCH_ROWS-row pieces dealt round-robin over the SMs, then this warp's lanes
+    (`cp.async.bulk.prefetch.L2`: no SMEM, no barrier, nothing to wait for)."""
+    e, n, k2 = packed_gmem.shape
+    ks = scale_gmem.shape[2]
+    pieces = n // _PREFETCH_ROWS
+    total = rows * pieces
+    iters = pl.cdiv(total, num_sms * 32)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType()))
+    def issue(ctx, table, packed, scales):
+        del ctx
+        from jax.experimental.mosaic.gpu import utils
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.mlir.dialects import arith, gpu, llvm, memref
+
+        i32, i64, idx = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64), ir.IndexType.get()
+        c32 = lambda v: arith.constant(i32, ir.IntegerAttr.get(i32, v))
+        c64 = lambda v: arith.constant(i64, ir.IntegerAttr.get(i64, v))
+        lane = arith.remui(utils.thread_idx(), c32(32))
+        sm = arith.index_cast(i32, gpu.block_id(gpu.Dimension.x))
+        bases = [llvm.ptrtoint(i64, utils.memref_ptr(r)) for r in (packed, scales)]
+        for it in range(iters):
+            # consecutive pieces go to different SMs: every SM's TMA unit issues a few (6 experts: ~6 each)
+            chunk = arith.addi(arith.muli(arith.addi(c32(it * 32), lane), c32(num_sms)), sm)
+            ok = arith.cmpi(arith.CmpIPredicate.ult, chunk, c32(total))
+            row = arith.minui(arith.divui(chunk, c32(pieces)), c32(rows - 1))
+            piece = arith.extui(i64, arith.remui(chunk, c32(pieces)))
+            g = memref.load(table, [arith.index_cast(idx, row)])
+            g = arith.extui(i64, arith.minui(arith.maxsi(g, c32(0)), c32(e - 1)))
+            for base, rb in zip(bases, (k2, ks)):
+                off = arith.addi(arith.muli(g, c64(n * rb)), arith.muli(piece, c64(_PREFETCH_ROWS * rb)))
+                utils.inline_ptx("cp.async.bulk.prefetch.L2.global [$0], $1;", arith.addi(base, off),
+                                 c32(_PREFETCH_ROWS * rb), predicate=ok)
+        return None
+
+    issue(table_gmem, packed_gmem, scale_gmem)
 
 
 def _decode_operand(w_u8, w_i4, s_ref, variant, natural_k, interpret, k_half=None):
@@ -890,14 +962,18 @@ def prepare_activation(x: jax.Array, m: int, cfg: Config, interpret: bool = Fals
 
 
 def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, epilogue, swiglu_limit,
-            interpret, row_group=None, *, m: int | None = None, prepare_for: Config | None = None):
+            interpret, row_group=None, *, m: int | None = None, prepare_for: Config | None = None,
+            l2_prefetch=None, prefetch_at: str = "loads"):
     """Run the kernel: x [M, K] (natural column order), 1 or 2 NVFP4 weights [E, N, K] -> [M, N].
 
     Rows sorted by group (`group_sizes`), or, with row_group [M] given, in any order: one work item per row (rows
     of one group in different items each stream its weights, so this is for rows whose groups seldom repeat).
     m given: x is already `prepare_activation(x, m, cfg)`. prepare_for given: the result is returned as
     `prepare_activation(result, M, prepare_for)`, the next launch's operand (with a K split, the permutation
-    fuses into the XLA sum of the partials)."""
+    fuses into the XLA sum of the partials). l2_prefetch = (packed, block_scale) of a weight [E, N2, K2] (rows
+    mode only): the kernel also asks L2 for that weight's groups of the rows, the next launch's weights, once this
+    SM has issued its weight loads (prefetch_at "loads") or stored its last tile ("exit"), within
+    L2_PREFETCH_BUDGET bytes, so that HBM streams them while this kernel drains and the next one launches."""
     e, n, _ = packs[0].shape
     tm = cfg.tile_m
     if m is None:
@@ -924,10 +1000,18 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
     split, nw = cfg.split_k, len(packs)
     if (k // _TILE_K) % split:
         raise ValueError(f"split_k={split} must divide the {k // _TILE_K} K steps of K={k}")
+    pf_rows = 0
+    if l2_prefetch is not None:
+        if row_group is None:
+            raise ValueError("l2_prefetch needs rows mode (row_group): sorted groups are not known per row")
+        if prefetch_at not in ("loads", "exit"):
+            raise ValueError(f"prefetch_at must be 'loads' or 'exit', got {prefetch_at!r}")
+        pf_rows = prefetch_rows_for(l2_prefetch[0].shape, m)
     dims = _Dims(m=m, k=k, n=n, e=e, num_weights=nw, row_scale_per_row=per_row, out_dtype=out_dtype,
-                 n_items=n_items, rows_mode=row_group is not None, split_k=split)
+                 n_items=n_items, rows_mode=row_group is not None, split_k=split, prefetch_rows=pf_rows,
+                 prefetch_at=prefetch_at)
     body, scratch = _build_kernel(dims, cfg, epilogue, swiglu_limit, interpret)
-    args = [table, xp, *packs, *scales, *row_scales]
+    args = [table, xp, *packs, *scales, *row_scales, *(l2_prefetch if pf_rows else ())]
     out_type = (jax.ShapeDtypeStruct((split, mp, nw * n), jnp.float32) if split > 1 else
                 jax.ShapeDtypeStruct((mp, n), out_dtype))
     kernel = plgpu.kernel(
