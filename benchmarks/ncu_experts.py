@@ -39,8 +39,13 @@ def main():
     ap.add_argument("--chain", type=int, default=0,
                     help="with --time: also time CHAIN calls in one program, each on other experts (a decode "
                          "step's layers: every call's weights are cold in L2), output fed to the next call")
+    ap.add_argument("--down-l2", action="store_true",
+                    help="time the rows-mode down kernel alone at T = 1: the same 6 experts again and again (their "
+                         "27 MB stay in L2) against 8 disjoint expert sets in one program (cold)")
     ap.add_argument("--copy-tb-s", type=float, default=3.29, help="copy rate for the floor (measured, sustained)")
     args = ap.parse_args()
+    if args.down_l2:
+        return time_down_l2()
     if args.time:
         return time_tokens([int(t) for t in str(args.tokens_list or args.tokens).split(",")], args.copy_tb_s,
                            args.variants.split(","), args.chain)
@@ -52,6 +57,7 @@ def main():
     idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(args.tokens)]), jnp.int32)
     wts = jnp.full((args.tokens, k), 1.0 / k, jnp.float32)
     x = (0.5 * jax.random.normal(keys[3], (args.tokens, d), jnp.float32)).astype(jnp.bfloat16)
+    _set_variant(args.variants.split(",")[0])     # for ncu: the first variant
     f = jax.jit(lambda x, a, b, c, idx, w: fused_moe.moe_experts(x, a, b, c, idx, w, 10.0))
     for _ in range(args.calls):
         out = f(x, w1, w3, w2, idx, wts)
@@ -122,6 +128,43 @@ def time_tokens(tokens, copy_tb_s, variants=("default",), chain=0):
             c_floor = c_touched * 3 * d * i * 0.5625 / (copy_tb_s * 1e12) * 1e3
             print(f"| {variant} chain{chain} | {t} | {c_touched:g} | {c_call:.4f} | "
                   f"{', '.join(f'{v:.4f}' for v in c_ks)} | {c_floor:.4f} | {c_call / c_floor:.2f}x |", flush=True)
+
+
+def time_down_l2(calls=8, e=256, d=4096, i=2048, k=6):
+    """Is the rows-mode down kernel (one token's 6 experts, [6, 2048] x [4096, 2048]) limited by DRAM? Its
+    CUPTI time when its 27 MB of weights sit in L2 (the same experts every call) against cold (`calls` disjoint
+    expert sets in one program)."""
+    import statistics
+    from jax.experimental.mosaic.gpu import profiler
+    print("down-l2: building weights", flush=True)
+    w2 = random_nvfp4(jax.random.key(2), (e, d, i))
+    cfg = fused_moe._rows_tile(gm.default_config(k, k, n=d, k=i), True)
+    h = (0.5 * jax.random.normal(jax.random.key(3), (k, i), jnp.float32)).astype(jnp.bfloat16)
+    rs = gm.epilogue_row_scale(w2.global_scale, e, d)
+    gs = jnp.zeros((e,), jnp.int32)
+
+    def down(h, groups):
+        return gm._launch(h, [w2.packed], [w2.block_scale], [rs], gs, jnp.dtype(jnp.bfloat16), cfg, "linear",
+                          None, False, row_group=groups)
+    perm = np.random.default_rng(5).permutation(e)
+    sets = jnp.asarray(perm[:calls * k].reshape(calls, k), jnp.int32)
+    hot = jax.jit(down)
+    print("down-l2: first call", flush=True)
+    jax.block_until_ready(hot(h, sets[0]))
+    print("down-l2: timing", flush=True)
+    hot_ms = statistics.median([ms for _ in range(5) for name, ms in
+                                profiler.measure(hot, aggregate=False)(h, sets[0])[1] if "mosaic" in name.lower()])
+
+    def chain(h, sets):
+        outs = [down(h, sets[j]) for j in range(calls)]
+        return jnp.stack(outs)
+    cold = jax.jit(chain)
+    jax.block_until_ready(cold(h, sets))
+    _, kern = profiler.measure(cold, aggregate=False)(h, sets)
+    ks = [ms for name, ms in kern if "mosaic" in name.lower()]
+    print(f"down kernel alone (config {cfg}): hot in L2 {hot_ms:.4f} ms (kernel); cold, per kernel: "
+          f"{', '.join(f'{v:.4f}' for v in ks)} (mean {np.mean(ks):.4f}); all launches of the cold program: "
+          f"{[(n[:40], round(v, 4)) for n, v in kern[:6]]}", flush=True)
 
 
 def time_chain(t, calls, weights, x, e=256, k=6):

@@ -55,10 +55,12 @@ def supported(x, w1, w3, w2) -> str | None:
 # (T = 8: 48 rows on ~42 experts would stream 14% more weights).
 ROWS_MODE_MAX_ROWS = 16
 ROWS_TILE_M = 8       # one-row items need only wgmma's narrowest N (benchmarks/ncu_experts.py --variants)
-# Rows mode: the gate/up kernel asks L2 for the rows' down-projection weights once an SM has issued its own weight
-# loads ("loads"), or once it has stored its last tile ("exit"); None: no prefetch. HBM then streams the down
-# weights while gate/up drains, SwiGLU runs and the down kernel launches (grouped_matmul._prefetch_rows_l2).
-PREFETCH_DOWN = "loads"
+# Rows mode: the gate/up kernel may ask L2 for the rows' down-projection weights once an SM has issued its own
+# weight loads ("loads"), or once it has stored its last tile ("exit"), so that HBM streams them while gate/up
+# drains and the down kernel launches (grouped_matmul._prefetch_rows_l2). Off (None): on an H200 at T = 1, 2 the
+# prefetch ran (gate/up read 74 MB from DRAM, not 57) but the down kernel gained 0.3-0.5 us and gate/up lost as
+# much (RESULTS.md, fourteenth session).
+PREFETCH_DOWN = None
 
 
 def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.Array,
