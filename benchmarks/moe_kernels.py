@@ -465,8 +465,11 @@ def main(argv=None):
         fused(res, tokens)
     if "actquant" in sections:
         actquant(res)
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
+    os.makedirs(args.out, exist_ok=True)    # a new --out folder (it used to fail here, after the whole run)
+    path = os.path.join(args.out, "results.json")
+    with open(path + ".tmp", "w") as fh:     # written whole, then renamed: never a half file
         json.dump(res, fh, indent=1, default=str)
+    os.replace(path + ".tmp", path)
     return res
 
 
