@@ -1,0 +1,108 @@
+"""The PTX of the routed-expert kernels for an H200, from a compile on a machine without a GPU.
+
+Compiles `fused_moe.moe_experts` at V4-Flash shapes (256 experts, hidden 4096, intermediate 2048, top-6) for T
+tokens against a described H200 (deviceless AOT, as `decode_launches.py`), has Mosaic GPU dump each kernel's PTX,
+and prints per kernel the instructions that carry the FP4 decode and the MMA. Use it to check a kernel change
+before spending device time on it: that an option changes the PTX (or leaves it bit-identical, `--diff`), or what
+a decode step costs in instructions.
+
+    pip install --no-deps --target .carry/cudaplug jax-cuda13-plugin==0.11.2 jax-cuda13-pjrt==0.11.2
+    JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 PYTHONPATH=.carry/cudaplug:. PATH=/usr/local/cuda/bin:$PATH \\
+        python benchmarks/expert_ptx.py [--tokens 1] [--prefetch-down loads] [--out DIR] [--diff OTHER_DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+
+# Instruction families of the kernels' hot loops (PTX mnemonics, counted where they start a statement).
+FAMILIES = {
+    "wgmma": r"wgmma\.mma_async",
+    "ldmatrix": r"ldmatrix",
+    "prmt": r"prmt\.b32",
+    "mul.lo (nibble spread)": r"mul\.lo\.s32",
+    "bf16x2 mul/fma (block scale)": r"(mul|fma)\.rn\.bf16x2",
+    "e4m3 -> f16 cvt (scales)": r"cvt\.rn\.f16x2\.e4m3x2",
+    "mbarrier wait": r"mbarrier\.try_wait",
+    "TMA load": r"cp\.async\.bulk\.tensor",
+    "L2 prefetch": r"cp\.async\.bulk\.prefetch\.L2",
+}
+
+
+def compile_experts(tokens: int, prefetch_down: str | None, dump_dir: str) -> None:
+    """Compile the routed-expert block for an H200 with Mosaic GPU's PTX dump going to dump_dir."""
+    os.makedirs(dump_dir, exist_ok=True)       # Mosaic GPU prints to stdout when the folder is missing
+    os.environ["MOSAIC_GPU_DUMP_PTX"] = "1"
+    os.environ["MOSAIC_GPU_DUMP_TO"] = dump_dir
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+
+    from benchmarks.decode_launches import H200_TARGET
+    from megamoe_jax.quant.nvfp4 import NVFP4Tensor
+    from pallas_kernels import dispatch, fused_moe
+    from pallas_kernels import grouped_matmul as gm
+
+    dev = topologies.get_topology_desc("h200", "cuda", target_config=H200_TARGET, topology="1x1x1").devices[0]
+    dispatch.kernels_enabled = lambda: True     # the process has no GPU: take the Hopper paths
+    gm._num_sms = lambda: 132                   # H200
+    sharding = jax.sharding.SingleDeviceSharding(dev)
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    e, d, i, k = 256, 4096, 2048, 6
+
+    def weight(n, kk):
+        return NVFP4Tensor(spec((e, n, kk // 2), jnp.uint8), spec((e, n, kk // 16), jnp.float8_e4m3fn),
+                           spec((e, 1), jnp.float32))
+    f = jax.jit(lambda x, w1, w3, w2, idx, tw: fused_moe.moe_experts(x, w1, w3, w2, idx, tw, 10.0,
+                                                                     prefetch_down=prefetch_down))
+    f.lower(spec((tokens, d), jnp.bfloat16), weight(i, d), weight(i, d), weight(d, i),
+            spec((tokens, k), jnp.int32), spec((tokens, k), jnp.float32)).compile()
+
+
+def kernel_ptx(dump_dir: str) -> dict[str, str]:
+    """name -> PTX text without line information (`.loc`, `.file`), so that two compiles compare as code."""
+    out = {}
+    for name in sorted(f for f in os.listdir(dump_dir) if f.endswith(".ptx")):
+        with open(os.path.join(dump_dir, name)) as fh:
+            out[name] = "".join(l for l in fh if not re.match(r"\s*\.(loc|file)\b", l))
+    return out
+
+
+def counts(ptx: str) -> dict[str, int]:
+    """Occurrences of each instruction family in the kernel's PTX (static counts: a loop body counts once)."""
+    code = re.sub(r"//[^\n]*", "", ptx)
+    return {fam: len(re.findall(r"\b" + pat, code)) for fam, pat in FAMILIES.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=1)
+    ap.add_argument("--prefetch-down", default="default",
+                    help="fused_moe.moe_experts' prefetch_down: default, loads, exit or none")
+    ap.add_argument("--out", default=None, help="dump folder (default: a new temporary one)")
+    ap.add_argument("--diff", default=None, help="another dump folder: report which kernels' PTX differ")
+    args = ap.parse_args(argv)
+    pf = None if args.prefetch_down == "none" else args.prefetch_down
+    out = args.out or tempfile.mkdtemp(prefix="expert_ptx_")
+    compile_experts(args.tokens, pf, out)
+    ptx = kernel_ptx(out)
+    if not ptx:
+        sys.exit(f"no PTX was dumped to {out} (is ptxas on PATH and the CUDA plugin importable?)")
+    print(f"T = {args.tokens}, prefetch_down = {args.prefetch_down}: {len(ptx)} kernels, PTX in {out}")
+    print("| kernel | lines | " + " | ".join(FAMILIES) + " |")
+    print("|---|---|" + "---|" * len(FAMILIES))
+    for name, text in ptx.items():
+        c = counts(text)
+        print(f"| {name} | {text.count(chr(10))} | " + " | ".join(str(c[f]) for f in FAMILIES) + " |")
+    if args.diff:
+        other = kernel_ptx(args.diff)
+        for name in sorted(set(ptx) | set(other)):
+            same = ptx.get(name) == other.get(name)
+            print(f"{name}: {'identical' if same else 'differs'} to {args.diff}")
+
+
+if __name__ == "__main__":
+    main()
