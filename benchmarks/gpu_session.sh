@@ -2,7 +2,7 @@
 # Everything the GPU machine is needed for, in one call, most important first; each step is bounded so a slow
 # one cannot eat the rest, and each step's log lands in $OUT (or ./out) for RESULTS.md.
 #
-#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests fused experts prefetch decode decode_b1 decode_ab decode_cb profile ncu kernels sweep breakdown
+#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests fused experts prefetch ncu_l2 decode decode_b1 decode_ab decode_cb profile ncu kernels sweep breakdown
 #
 # One device call may run 600 s and each step is bounded, so e.g. `decode shard` (~500 s) or `tests` + `experts`
 # (~450 s) fit one call each, and `kernels` (~280 s with every baseline) nearly fills one on its own.
@@ -77,6 +77,16 @@ for s in "${steps[@]}"; do
                     --section SchedulerStats --section WarpStateStats --section SourceCounters --print-details all \
                     python benchmarks/ncu_experts.py --tokens "$t"
              done ;;
+    ncu_l2)  # DRAM bytes and L2 hit rate of the two expert kernels with L2 left as the previous kernel left it
+             # (--cache-control none), e.g. whether a prefetch landed. Application replay: kernel replay saved and
+             # restored all device memory (3.6 GB of weights) for each pass and ran past 90 s (2026-12-04).
+             ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+             for v in ${VARIANTS:-default pf_loads}; do
+               step "ncu_l2_$v" 150 "$ncu" --cache-control none --clock-control none --replay-mode application \
+                    -k regex:mosaic --launch-skip 2 --launch-count 2 \
+                    --metrics dram__bytes_read.sum,gpu__time_duration.sum,lts__t_sector_hit_rate.pct \
+                    python benchmarks/ncu_experts.py --tokens 1 --variants "$v"
+             done ;;
     kernels) # ~280 s on an H200 with every baseline (2026-12-02; XLA's ragged_dot takes 135 ms a call at T = 2048)
              step kernels 560 python benchmarks/moe_kernels.py --sections ceilings,permute,grouped,fused,actquant \
                               --tokens 1,8,64,256,2048,8192 --out "$out" ;;
@@ -84,6 +94,6 @@ for s in "${steps[@]}"; do
              step sweep 300 python benchmarks/moe_kernels.py --sections sweep --tokens "${TOKENS:-1,8,64}" --out "$out" ;;
     breakdown) # the grouped call's XLA glue against its kernel, per launch (decode sizes)
              step breakdown 90 python benchmarks/moe_kernels.py --sections breakdown --tokens 1,8,64 --out "$out" ;;
-    *) echo "unknown step $s (sinkhorn shard tests fused experts prefetch decode decode_b1 decode_ab decode_cb profile ncu kernels sweep breakdown)" >&2; exit 2 ;;
+    *) echo "unknown step $s (sinkhorn shard tests fused experts prefetch ncu_l2 decode decode_b1 decode_ab decode_cb profile ncu kernels sweep breakdown)" >&2; exit 2 ;;
   esac
 done
