@@ -8,7 +8,7 @@ a decode step costs in instructions.
 
     pip install --no-deps --target .carry/cudaplug jax-cuda13-plugin==0.11.2 jax-cuda13-pjrt==0.11.2
     JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 PYTHONPATH=.carry/cudaplug:. PATH=/usr/local/cuda/bin:$PATH \\
-        python benchmarks/expert_ptx.py [--tokens 1] [--prefetch-down loads] [--out DIR] [--diff OTHER_DIR]
+        python benchmarks/expert_ptx.py [--tokens 1] [--prefetch-down on] [--out DIR] [--diff OTHER_DIR]
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ FAMILIES = {
 }
 
 
-def compile_experts(tokens: int, prefetch_down: str | None, dump_dir: str) -> None:
+def compile_experts(tokens: int, prefetch_down: bool | None, dump_dir: str) -> None:
     """Compile the routed-expert block for an H200 with Mosaic GPU's PTX dump going to dump_dir."""
     os.makedirs(dump_dir, exist_ok=True)       # Mosaic GPU prints to stdout when the folder is missing
     os.environ["MOSAIC_GPU_DUMP_PTX"] = "1"
@@ -80,12 +80,12 @@ def counts(ptx: str) -> dict[str, int]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=1)
-    ap.add_argument("--prefetch-down", default="default",
-                    help="fused_moe.moe_experts' prefetch_down: default, loads, exit or none")
+    ap.add_argument("--prefetch-down", choices=("default", "on", "off"), default="default",
+                    help="fused_moe.moe_experts' prefetch_down (default: fused_moe.PREFETCH_DOWN)")
     ap.add_argument("--out", default=None, help="dump folder (default: a new temporary one)")
     ap.add_argument("--diff", default=None, help="another dump folder: report which kernels' PTX differ")
     args = ap.parse_args(argv)
-    pf = None if args.prefetch_down == "none" else args.prefetch_down
+    pf = {"default": None, "on": True, "off": False}[args.prefetch_down]
     out = args.out or tempfile.mkdtemp(prefix="expert_ptx_")
     compile_experts(args.tokens, pf, out)
     ptx = kernel_ptx(out)

@@ -52,7 +52,7 @@ for s in "${steps[@]}"; do
     prefetch)  # same-process A/B of the rows mode's L2 prefetch of the down weights (fused_moe.PREFETCH_DOWN), also
              # as a chain of calls on disjoint experts (a decode step's layers: weights cold in L2)
              step prefetch 200 python benchmarks/ncu_experts.py --time --tokens-list "${TOKENS:-1,2}" \
-                  --variants "${VARIANTS:-default,pf_loads,pf_exit}" --chain "${CHAIN:-8}" ;;
+                  --variants "${VARIANTS:-default,pf_loads}" --chain "${CHAIN:-8}" ;;
     decode_b1)  # batch 1 only, same-process A/B of the routed rows (unsorted one-row items vs sorted), marginal step
              step decode_b1 200 python benchmarks/model_decode.py --formats nvfp4 --batches 1 --steps 32 \
                   --marginal-steps "${MARGINAL:-128}" --repeats "${REPEATS:-2}" --variants "${VARIANTS:-default,sorted_moe}" \

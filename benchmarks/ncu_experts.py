@@ -34,8 +34,8 @@ def main():
     ap.add_argument("--variants", default="default",
                     help="with --time: comma list of default, sorted (rows sorted by expert), rows16 (one-row "
                          "items in 16-row tiles), overlap (pipelined K loop in the SwiGLU kernel), nosplit (no K "
-                         "split), unroll1 (down kernel: one K step per wait), pf_none / pf_exit (rows mode: no L2 "
-                         "prefetch of the down weights / issued when gate/up stores its last tile)")
+                         "split), unroll1 (down kernel: one K step per wait), pf_loads / pf_none (rows mode: L2 "
+                         "prefetch of the down weights from the gate/up kernel on / off)")
     ap.add_argument("--chain", type=int, default=0,
                     help="with --time: also time CHAIN calls in one program, each on other experts (a decode "
                          "step's layers: every call's weights are cold in L2), output fed to the next call")
@@ -78,8 +78,7 @@ def _set_variant(variant):
     """default; sorted (rows always sorted by expert); rows16 (one-row items in 16-row tiles); overlap (the
     SwiGLU kernel's pipelined K loop, Config.overlap_mma); nosplit (Config.split_k = 1); unroll1 (k_unroll = 1);
     wg2 / wg4 (Config.compute_wgs); wg4_nosplit (four compute warpgroups, no K split); split2x (twice the
-    default K split where it is > 1); pf_none / pf_exit / pf_loads (fused_moe.PREFETCH_DOWN: None, "exit",
-    "loads")."""
+    default K split where it is > 1); pf_loads / pf_none (fused_moe.PREFETCH_DOWN on / off)."""
     if variant not in ("default", "sorted", "rows16", *_PREFETCH_VARIANTS, *_CONFIG_VARIANTS):
         raise ValueError(f"unknown variant {variant!r}")
     fused_moe.PREFETCH_DOWN = _PREFETCH_VARIANTS.get(variant, _DEFAULTS[3])
@@ -94,7 +93,7 @@ def _set_variant(variant):
 
 
 _DEFAULTS = (fused_moe.ROWS_MODE_MAX_ROWS, fused_moe.ROWS_TILE_M, fused_moe._rows_tile, fused_moe.PREFETCH_DOWN)
-_PREFETCH_VARIANTS = {"pf_none": None, "pf_exit": "exit", "pf_loads": "loads"}
+_PREFETCH_VARIANTS = {"pf_none": False, "pf_loads": True}
 
 
 def time_tokens(tokens, copy_tb_s, variants=("default",), chain=0):
@@ -136,7 +135,6 @@ def time_down_l2(calls=8, e=256, d=4096, i=2048, k=6):
     expert sets in one program)."""
     import statistics
     from jax.experimental.mosaic.gpu import profiler
-    print("down-l2: building weights", flush=True)
     w2 = random_nvfp4(jax.random.key(2), (e, d, i))
     cfg = fused_moe._rows_tile(gm.default_config(k, k, n=d, k=i), True)
     h = (0.5 * jax.random.normal(jax.random.key(3), (k, i), jnp.float32)).astype(jnp.bfloat16)
@@ -149,9 +147,7 @@ def time_down_l2(calls=8, e=256, d=4096, i=2048, k=6):
     perm = np.random.default_rng(5).permutation(e)
     sets = jnp.asarray(perm[:calls * k].reshape(calls, k), jnp.int32)
     hot = jax.jit(down)
-    print("down-l2: first call", flush=True)
     jax.block_until_ready(hot(h, sets[0]))
-    print("down-l2: timing", flush=True)
     hot_ms = statistics.median([ms for _ in range(5) for name, ms in
                                 profiler.measure(hot, aggregate=False)(h, sets[0])[1] if "mosaic" in name.lower()])
 

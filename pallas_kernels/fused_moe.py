@@ -56,28 +56,25 @@ def supported(x, w1, w3, w2) -> str | None:
 ROWS_MODE_MAX_ROWS = 16
 ROWS_TILE_M = 8       # one-row items need only wgmma's narrowest N (benchmarks/ncu_experts.py --variants)
 # Rows mode: the gate/up kernel may ask L2 for the rows' down-projection weights once an SM has issued its own
-# weight loads ("loads"), or once it has stored its last tile ("exit"), so that HBM streams them while gate/up
-# drains and the down kernel launches (grouped_matmul._prefetch_rows_l2). Off (None): on an H200 at T = 1, 2 the
-# prefetch ran (gate/up read 74 MB from DRAM, not 57) but the down kernel gained 0.3-0.5 us and gate/up lost as
-# much (RESULTS.md, fourteenth session).
-PREFETCH_DOWN = None
+# weight loads, so that HBM streams them while gate/up drains and the down kernel launches
+# (grouped_matmul._prefetch_rows_l2). Off: on an H200 at T = 1, 2 the prefetch ran (gate/up read 74 MB from DRAM,
+# not 57) but the down kernel gained 0.1-0.5 us and gate/up lost as much; the down kernel is 13.2 us even with its
+# weights in L2 (15.1 cold), so at most ~2 us is there to win (RESULTS.md, fourteenth session).
+PREFETCH_DOWN = False
 
 
 def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.Array,
                 swiglu_limit: float | None, *, out_dtype=None, config: gm.Config | None = None,
-                rows_mode: bool | None = None, prefetch_down: str | None = "default",
+                rows_mode: bool | None = None, prefetch_down: bool | None = None,
                 interpret: bool = False) -> jax.Array:
     """x [T, D]; w1, w3 NVFP4 [E, I, D]; w2 NVFP4 [E, D, I]; topk_idx [T, k] int; topk_weight [T, k] -> [T, D].
 
     rows_mode None picks unsorted rows for T*k <= ROWS_MODE_MAX_ROWS (decode of one token), sorted otherwise.
-    prefetch_down ("loads", "exit" or None; "default": PREFETCH_DOWN) is the rows mode's L2 prefetch of the down
-    weights from the gate/up kernel."""
+    prefetch_down (None: PREFETCH_DOWN) turns on the rows mode's L2 prefetch of the down weights from the gate/up
+    kernel."""
     if (why := supported(x, w1, w3, w2)) is not None:
         raise ValueError(f"fused_moe.moe_experts: {why}")
-    if prefetch_down == "default":
-        prefetch_down = PREFETCH_DOWN
-    if prefetch_down not in ("loads", "exit", None):
-        raise ValueError(f"fused_moe.moe_experts: prefetch_down must be 'loads', 'exit' or None, got {prefetch_down!r}")
+    prefetch_down = PREFETCH_DOWN if prefetch_down is None else prefetch_down
     if topk_idx.shape != topk_weight.shape or topk_idx.ndim != 2 or topk_idx.shape[0] != x.shape[0]:
         raise ValueError(f"topk_idx {topk_idx.shape} and topk_weight {topk_weight.shape} must both be [T={x.shape[0]}, k]")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
@@ -113,11 +110,10 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
     rs3 = gm.epilogue_row_scale(w3.global_scale, e, inter, w3.input_scale)
     # W4A16 down projection: the first launch returns h as the second's operand (padded, permuted).
     h_ready = w2.input_scale is None
-    pf = (w2.packed, w2.block_scale) if (rows_mode and prefetch_down is not None) else None
+    pf = (w2.packed, w2.block_scale) if (rows_mode and prefetch_down) else None
     h = gm._launch(xs, [w1.packed, w3.packed], [w1.block_scale, w3.block_scale], [rs1, rs3], group_sizes,
                    jnp.dtype(x.dtype), cfg1, "swiglu", swiglu_limit, interpret, row_group=row_group, m=m,
-                   prepare_for=cfg2 if h_ready else None, l2_prefetch=pf,
-                   prefetch_at=prefetch_down or "loads")                              # [M, I] or [M', I]
+                   prepare_for=cfg2 if h_ready else None, l2_prefetch=pf)           # [M, I] or [M', I]
 
     if not h_ready:
         h = act_quant.quantize_dequantize_grouped(h, w2.input_scale, group_sizes, multiplier=w2.input_multiplier,

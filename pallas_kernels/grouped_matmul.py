@@ -291,7 +291,6 @@ class _Dims:
     rows_mode: bool = False   # items are one row each, in order: the table is just the row's group [M]
     split_k: int = 1          # > 1: each unit sums K / split_k; fp32 partials [split_k, M, nw * N] are the output
     prefetch_rows: int = 0    # rows mode: L2-prefetch the next kernel's weight [E, N2, K2] of the first rows' groups
-    prefetch_at: str = "loads"  # when: "loads" (this SM's weight loads all issued) or "exit" (its last store done)
 
 
 def _transforms(dtype, swizzle=128):
@@ -649,7 +648,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                     @pl.when(warp_id == wid)
                     def _(loader=loader, bar=bar, wid=wid):
                         n_mm = unit_loop(loader, warp=True)
-                        if wid == 0 and dims.prefetch_at == "loads":
+                        if wid == 0:      # this SM's weight loads are all issued
                             prefetch_next_weight()
 
                         @pl.when(n_mm > 0)
@@ -660,8 +659,6 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 @pl.when(warp_id == 2)
                 def _():
                     unit_loop(storer, warp=True)
-                    if dims.prefetch_at == "exit":
-                        prefetch_next_weight()
 
             if not dims.rows_mode:
                 plgpu.barrier_wait(t_bar)
@@ -709,7 +706,7 @@ def prefetch_rows_for(packed_shape, m: int, budget_bytes: int = L2_PREFETCH_BUDG
     """How many of the m rows' groups an L2 prefetch of a weight [E, N, K/2] (and its scales) covers within the
     budget (0: none). In rows mode the groups of one decode token are distinct, so a row is a whole weight."""
     e, n, k2 = packed_shape
-    if n % _PREFETCH_ROWS or (k2 // 8) % 16:      # bulk prefetches move multiples of 16 bytes
+    if n % _PREFETCH_ROWS:      # whole pieces only (a piece is 32 rows: a multiple of 16 bytes, 16-byte aligned)
         return 0
     per_group = n * k2 * 9 // 8                    # codes and E4M3 block scales
     return max(0, min(m, budget_bytes // per_group))
@@ -963,7 +960,7 @@ def prepare_activation(x: jax.Array, m: int, cfg: Config, interpret: bool = Fals
 
 def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, epilogue, swiglu_limit,
             interpret, row_group=None, *, m: int | None = None, prepare_for: Config | None = None,
-            l2_prefetch=None, prefetch_at: str = "loads"):
+            l2_prefetch=None):
     """Run the kernel: x [M, K] (natural column order), 1 or 2 NVFP4 weights [E, N, K] -> [M, N].
 
     Rows sorted by group (`group_sizes`), or, with row_group [M] given, in any order: one work item per row (rows
@@ -972,8 +969,8 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
     `prepare_activation(result, M, prepare_for)`, the next launch's operand (with a K split, the permutation
     fuses into the XLA sum of the partials). l2_prefetch = (packed, block_scale) of a weight [E, N2, K2] (rows
     mode only): the kernel also asks L2 for that weight's groups of the rows, the next launch's weights, once this
-    SM has issued its weight loads (prefetch_at "loads") or stored its last tile ("exit"), within
-    L2_PREFETCH_BUDGET bytes, so that HBM streams them while this kernel drains and the next one launches."""
+    SM has issued its weight loads, within L2_PREFETCH_BUDGET bytes, so that HBM streams them while this kernel
+    drains and the next one launches."""
     e, n, _ = packs[0].shape
     tm = cfg.tile_m
     if m is None:
@@ -1004,12 +1001,9 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
     if l2_prefetch is not None:
         if row_group is None:
             raise ValueError("l2_prefetch needs rows mode (row_group): sorted groups are not known per row")
-        if prefetch_at not in ("loads", "exit"):
-            raise ValueError(f"prefetch_at must be 'loads' or 'exit', got {prefetch_at!r}")
         pf_rows = prefetch_rows_for(l2_prefetch[0].shape, m)
     dims = _Dims(m=m, k=k, n=n, e=e, num_weights=nw, row_scale_per_row=per_row, out_dtype=out_dtype,
-                 n_items=n_items, rows_mode=row_group is not None, split_k=split, prefetch_rows=pf_rows,
-                 prefetch_at=prefetch_at)
+                 n_items=n_items, rows_mode=row_group is not None, split_k=split, prefetch_rows=pf_rows)
     body, scratch = _build_kernel(dims, cfg, epilogue, swiglu_limit, interpret)
     args = [table, xp, *packs, *scales, *row_scales, *(l2_prefetch if pf_rows else ())]
     out_type = (jax.ShapeDtypeStruct((split, mp, nw * n), jnp.float32) if split > 1 else

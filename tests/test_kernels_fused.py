@@ -132,23 +132,16 @@ def test_decode_configs_of_the_two_kernels():
 
 def test_down_weight_l2_prefetch_sizing_and_rejections():
     """The rows mode's L2 prefetch of the down weights (issued on the GPU only): how many rows' experts fit the
-    budget at V4-Flash's down shape (4.5 MB each with scales: 6 of one token, 7 of 32 MB), no prefetch where bulk
-    requests cannot tile the weight, and the bad settings rejected with a reason."""
+    budget at V4-Flash's down shape (4.5 MB each with scales: 6 of one token, 7 of 32 MB), no prefetch where the
+    rows do not split into whole 32-row requests, and a prefetch outside rows mode rejected with a reason."""
     assert gm.prefetch_rows_for((256, 4096, 1024), 6) == 6
     assert gm.prefetch_rows_for((256, 4096, 1024), 12) == 7
     assert gm.prefetch_rows_for((256, 4096, 1024), 12, budget_bytes=1 << 20) == 0
     assert gm.prefetch_rows_for((256, 4080, 1024), 6) == 0          # rows not in 32-row pieces
-    assert gm.prefetch_rows_for((256, 4096, 120), 6) == 0           # scale rows of 15 bytes
+    assert gm.prefetch_rows_for((256, 4096, 120), 6) == 6           # 15-byte scale rows: 480-byte requests
     w1, w3, w2 = _experts(jax.random.PRNGKey(0), 2, 256, 256)
-    x = jnp.ones((1, 256), jnp.bfloat16)
-    idx, tw = jnp.array([[0, 1]], jnp.int32), jnp.full((1, 2), 0.5)
-    with pytest.raises(ValueError, match="prefetch_down"):
-        fused_moe.moe_experts(x, w1, w3, w2, idx, tw, None, prefetch_down="early", interpret=True)
     xs = jnp.ones((2, 256), jnp.bfloat16)
     args = (xs, [w1.packed], [w1.block_scale], [jnp.ones((2, 1))], jnp.array([1, 1], jnp.int32),
             jnp.dtype(jnp.bfloat16), gm.Config(tile_m=8, num_stages=1), "linear", None, True)
     with pytest.raises(ValueError, match="rows mode"):
         gm._launch(*args, l2_prefetch=(w2.packed, w2.block_scale))
-    with pytest.raises(ValueError, match="prefetch_at"):
-        gm._launch(*args, row_group=jnp.array([0, 1], jnp.int32), l2_prefetch=(w2.packed, w2.block_scale),
-                   prefetch_at="never")
