@@ -82,11 +82,15 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=1)
     ap.add_argument("--prefetch-down", choices=("default", "on", "off"), default="default",
                     help="fused_moe.moe_experts' prefetch_down (default: fused_moe.PREFETCH_DOWN)")
+    ap.add_argument("--ablate", default="", help="comma list for grouped_matmul.ABLATE (timing diagnostics)")
     ap.add_argument("--out", default=None, help="dump folder (default: a new temporary one)")
     ap.add_argument("--diff", default=None, help="another dump folder: report which kernels' PTX differ")
     args = ap.parse_args(argv)
     pf = {"default": None, "on": True, "off": False}[args.prefetch_down]
     out = args.out or tempfile.mkdtemp(prefix="expert_ptx_")
+    if args.ablate:
+        from pallas_kernels import grouped_matmul as gm
+        gm.ABLATE = frozenset(args.ablate.split(","))
     compile_experts(args.tokens, pf, out)
     ptx = kernel_ptx(out)
     if not ptx:

@@ -35,17 +35,29 @@ def main():
                     help="with --time: comma list of default, sorted (rows sorted by expert), rows16 (one-row "
                          "items in 16-row tiles), overlap (pipelined K loop in the SwiGLU kernel), nosplit (no K "
                          "split), unroll1 (down kernel: one K step per wait), pf_loads / pf_none (rows mode: L2 "
-                         "prefetch of the down weights from the gate/up kernel on / off)")
+                         "prefetch of the down weights from the gate/up kernel on / off), ablate_decode / ablate_store / "
+                         "ablate_both (grouped_matmul.ABLATE: skip the FP4 decode / the output stores; wrong "
+                         "results, timing only)")
     ap.add_argument("--chain", type=int, default=0,
                     help="with --time: also time CHAIN calls in one program, each on other experts (a decode "
                          "step's layers: every call's weights are cold in L2), output fed to the next call")
     ap.add_argument("--down-l2", action="store_true",
                     help="time the rows-mode down kernel alone at T = 1: the same 6 experts again and again (their "
                          "27 MB stay in L2) against 8 disjoint expert sets in one program (cold)")
+    ap.add_argument("--grouped", action="store_true",
+                    help="time moe_kernels' grouped call ([T*6, 4096] x NVFP4 [256, 4096, 4096], skewed routing) at "
+                         "--tokens-list: the default config, 8-row tiles, and one-row items (rows mode, groups "
+                         "from group_sizes); per launch and per kernel")
     ap.add_argument("--copy-tb-s", type=float, default=3.29, help="copy rate for the floor (measured, sustained)")
     args = ap.parse_args()
     if args.down_l2:
-        return time_down_l2()
+        for v in args.variants.split(","):
+            _set_variant(v)
+            print(f"variant {v}:", end=" ")
+            time_down_l2()
+        return
+    if args.grouped:
+        return time_grouped([int(t) for t in str(args.tokens_list or args.tokens).split(",")], args.variants.split(","))
     if args.time:
         return time_tokens([int(t) for t in str(args.tokens_list or args.tokens).split(",")], args.copy_tb_s,
                            args.variants.split(","), args.chain)
@@ -79,8 +91,9 @@ def _set_variant(variant):
     SwiGLU kernel's pipelined K loop, Config.overlap_mma); nosplit (Config.split_k = 1); unroll1 (k_unroll = 1);
     wg2 / wg4 (Config.compute_wgs); wg4_nosplit (four compute warpgroups, no K split); split2x (twice the
     default K split where it is > 1); pf_loads / pf_none (fused_moe.PREFETCH_DOWN on / off)."""
-    if variant not in ("default", "sorted", "rows16", *_PREFETCH_VARIANTS, *_CONFIG_VARIANTS):
+    if variant not in ("default", "sorted", "rows16", *_PREFETCH_VARIANTS, *_CONFIG_VARIANTS, *_ABLATE_VARIANTS):
         raise ValueError(f"unknown variant {variant!r}")
+    gm.ABLATE = _ABLATE_VARIANTS.get(variant, frozenset())
     fused_moe.PREFETCH_DOWN = _PREFETCH_VARIANTS.get(variant, _DEFAULTS[3])
     fused_moe.ROWS_MODE_MAX_ROWS = 0 if variant == "sorted" else _DEFAULTS[0]
     fused_moe.ROWS_TILE_M = 16 if variant == "rows16" else _DEFAULTS[1]
@@ -94,6 +107,8 @@ def _set_variant(variant):
 
 _DEFAULTS = (fused_moe.ROWS_MODE_MAX_ROWS, fused_moe.ROWS_TILE_M, fused_moe._rows_tile, fused_moe.PREFETCH_DOWN)
 _PREFETCH_VARIANTS = {"pf_none": False, "pf_loads": True}
+_ABLATE_VARIANTS = {"ablate_decode": frozenset({"decode"}), "ablate_store": frozenset({"store"}),
+                    "ablate_both": frozenset({"decode", "store"})}
 
 
 def time_tokens(tokens, copy_tb_s, variants=("default",), chain=0):
@@ -161,6 +176,51 @@ def time_down_l2(calls=8, e=256, d=4096, i=2048, k=6):
     print(f"down kernel alone (config {cfg}): hot in L2 {hot_ms:.4f} ms (kernel); cold, per kernel: "
           f"{', '.join(f'{v:.4f}' for v in ks)} (mean {np.mean(ks):.4f}); all launches of the cold program: "
           f"{[(n[:40], round(v, 4)) for n, v in kern[:6]]}", flush=True)
+
+
+def time_grouped(tokens, variants):
+    """The grouped call of moe_kernels.py at decode sizes: which of its costs a config or the rows mode removes.
+    Rows mode derives each row's group from group_sizes (a row per item; a group with several rows streams its
+    weights once per row), so it is only exact-cost where groups have one row (T = 1: a token's distinct
+    experts)."""
+    import statistics
+    from jax.experimental.mosaic.gpu import profiler
+    from benchmarks import moe_kernels as mk
+    n, k = 2 * mk.INTER, mk.HIDDEN
+    w = mk.random_nvfp4(jax.random.PRNGKey(0), mk.EXPERTS, n, k)
+    rs = gm.epilogue_row_scale(w.global_scale, mk.EXPERTS, n)
+    print("| variant | ablate | T | rows | experts | call ms | kernels ms | TB/s on weights + io |")
+    print("|---|---|---|---|---|---|---|---|")
+    for t in tokens:
+        m = t * mk.TOPK
+        idx, _ = mk.routing(t, seed=100 * t)
+        gs_np = mk.group_sizes_of(idx)
+        gs = jnp.asarray(gs_np)
+        x = jax.random.normal(jax.random.PRNGKey(0), (m, k), jnp.float32).astype(jnp.bfloat16)
+        byts = int((gs_np > 0).sum()) * n * k * 0.5625 + m * k * 2 + m * n * 2
+        base = gm.default_config(m, mk.EXPERTS, n=n, k=k)
+        for variant in variants:
+            name, _, abl = variant.partition("+")
+            gm.ABLATE = frozenset(abl.split(":")) - {""}
+            cfg = {"default": base, "tile8": dataclasses.replace(base, tile_m=8),
+                   "rows": dataclasses.replace(base, tile_m=8)}.get(name)
+            if cfg is None:
+                raise ValueError(f"unknown grouped variant {name!r} (default, tile8, rows; +decode:store ablates)")
+            if name == "rows":
+                def f(x, gs, w, cfg=cfg):
+                    row_group = jnp.searchsorted(jnp.cumsum(gs), jnp.arange(m), side="right").astype(jnp.int32)
+                    return gm._launch(x, [w.packed], [w.block_scale], [rs], None, jnp.dtype(jnp.bfloat16), cfg,
+                                      "linear", None, False, row_group=row_group)
+            else:
+                def f(x, gs, w, cfg=cfg):
+                    return gm.grouped_linear(x, w, gs, config=cfg)
+            f = jax.jit(f)
+            jax.block_until_ready(f(x, gs, w))
+            call = statistics.median([profiler.measure(f)(x, gs, w)[1] for _ in range(7)])
+            _, kern = profiler.measure(f, aggregate=False)(x, gs, w)
+            print(f"| {name} | {abl or '-'} | {t} | {m} | {int((gs_np > 0).sum())} | {call:.4f} | "
+                  f"{', '.join(f'{nm[:24]} {v:.4f}' for nm, v in kern)} | {byts / (call * 1e9):.3f} |", flush=True)
+    gm.ABLATE = frozenset()
 
 
 def time_chain(t, calls, weights, x, e=256, k=6):

@@ -62,6 +62,12 @@ _WGMMA = plgpu.Layout.WGMMA
 _WARP_SEARCH = "rway"
 _WG_SEARCH = "binary"
 _WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
+# Diagnostics only (the results are WRONG while set): parts of the kernel's work to skip, to time what remains
+# (benchmarks/ncu_experts.py --variants ablate_*). "decode": the wgmma operand is the raw code words (the SMEM
+# loads stay, the integer decode and the scale multiply go); "store": the storer skips the output's TMA stores.
+# Read when a kernel is built (trace time): set it before jitting.
+ABLATE: frozenset = frozenset()
+_ABLATIONS = frozenset({"decode", "store"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,6 +322,9 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
     n_items = dims.n_items
     epi_fold = variant.epilogue_fold
     limit = float(swiglu_limit) if (swiglu_limit is not None and swiglu_limit > 0) else None
+    if not ABLATE <= _ABLATIONS:
+        raise ValueError(f"unknown ablations {sorted(ABLATE - _ABLATIONS)} (known: {sorted(_ABLATIONS)})")
+    ablate = frozenset() if interpret else ABLATE
 
     # ptxas (CUDA 13, 2026-12-02) pipelines the two-weight kernel's wgmmas only with K-half tiles; for one weight it
     # serialises them either way (C7512 "insufficient register resources" with whole tiles, C7513 "non wgmma
@@ -385,7 +394,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                             x_free.at[lax.rem(d + stages, stages)]))
                     slot = j * _ROW_SLOTS + wg
                     a_op = _decode_operand(w_u8.at[si, slot], w_i4.at[si, slot], s_smem.at[si, slot], variant,
-                                           cfg.natural_k, interpret, k_half=hf)
+                                           cfg.natural_k, interpret, k_half=hf, raw="decode" in ablate)
                     if q == tiles_per_step - 1:
                         plgpu.barrier_arrive(w_free.at[si])
                     if q == 0:
@@ -474,7 +483,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                         slot = j * _ROW_SLOTS + rs      # this warpgroup's 64 rows of weight j
                         a_ops.append((si, j, _decode_operand(
                             w_u8.at[si, slot], w_i4.at[si, slot], s_smem.at[si, slot], variant,
-                            cfg.natural_k, interpret, k_half=kh)))
+                            cfg.natural_k, interpret, k_half=kh, raw="decode" in ablate)))
                     plgpu.barrier_arrive(w_free.at[si])
                 for n, (si, j, a_op) in enumerate(a_ops):
                     if j == 0:      # the step's first tile: its activation slot must have landed
@@ -639,7 +648,8 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                         else:
                             dst = o_gmem
                             cols = [ni * _CTA_ROWS + h * _WG_ROWS for h in range(_ROW_SLOTS)]
-                        _ragged_store(o_smem, dst, cols, load_start, offset, size, tm, dims.m)
+                        if "store" not in ablate:
+                            _ragged_store(o_smem, dst, cols, load_start, offset, size, tm, dims.m)
                         plgpu.barrier_arrive(o_free)
 
                     return carry
@@ -752,9 +762,10 @@ def _prefetch_rows_l2(table_gmem, packed_gmem, scale_gmem, rows: int, num_sms: i
     issue(table_gmem, packed_gmem, scale_gmem)
 
 
-def _decode_operand(w_u8, w_i4, s_ref, variant, natural_k, interpret, k_half=None):
+def _decode_operand(w_u8, w_i4, s_ref, variant, natural_k, interpret, k_half=None, raw=False):
     """One warpgroup's [64, 256] weight tile -> scaled bf16 wgmma operand (value * s_b / 2^8); with k_half 0/1
-    only the first/second 128 columns ([64, 128]: half the registers, for the pipelined K loop)."""
+    only the first/second 128 columns ([64, 128]: half the registers, for the pipelined K loop). raw: the code
+    words themselves, undecoded (ABLATE "decode": timing only)."""
     cols = _TILE_K if k_half is None else _TILE_K // 2
     if interpret:
         packed, scales = w_u8[...], s_ref[...]
@@ -770,7 +781,7 @@ def _decode_operand(w_u8, w_i4, s_ref, variant, natural_k, interpret, k_half=Non
     )
     def decode(ctx, w_ref, s_ref):
         del ctx
-        return nvfp4_decode.decode_tile_mgpu(w_ref, s_ref, variant, natural_k, k_half=k_half)
+        return nvfp4_decode.decode_tile_mgpu(w_ref, s_ref, variant, natural_k, k_half=k_half, raw=raw)
 
     return decode(w_i4, s_ref)
 

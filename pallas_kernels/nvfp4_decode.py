@@ -104,7 +104,8 @@ def permute_activation(a: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(u.reshape(m, k // 2), a.dtype).reshape(m, k)
 
 
-def decode_tile_mgpu(w_ref, s_ref, variant: DecodeVariant, natural_k: bool = False, k_half: int | None = None):
+def decode_tile_mgpu(w_ref, s_ref, variant: DecodeVariant, natural_k: bool = False, k_half: int | None = None,
+                     raw: bool = False):
     """Inside inline_mgpu: int4 SMEM tile [64, 256] (tiled (8, 256), swizzle 128) + E4M3 scales [64, 16] ->
     bf16 FragmentedArray [64, 256] in WGMMA layout = value * s_b * 2^-8 (k_half 0/1: only columns
     [128 * k_half, 128 * k_half + 128), a [64, 128] array; permuted K only).
@@ -112,6 +113,8 @@ def decode_tile_mgpu(w_ref, s_ref, variant: DecodeVariant, natural_k: bool = Fal
     natural_k=False: K permuted as in `k_permutation` (no register relayout; the activation is permuted instead).
     natural_k=True: the int4 codes are first relaid into the WGMMA layout (a quad transpose of bytes: two
     shuffles and a few prmt per 8 codes) so K keeps its natural order and the activation is used as is.
+    raw=True (timing diagnostics only, wrong values): each code word bitcast to bf16x2 and used for all four
+    registers it would decode into; the SMEM load of the codes stays, the decode and the scales go.
     """
     from jax.experimental.mosaic.gpu import utils
     from jax.experimental.mosaic.gpu import fragmented_array as fa
@@ -139,6 +142,16 @@ def decode_tile_mgpu(w_ref, s_ref, variant: DecodeVariant, natural_k: bool = Fal
         regs = codes.registers                               # [1, 8 (t), 1, 1, 2 (h), ...] vector<8xi4>
         assert regs.shape == (1, 8, 1, 1, 2, 1, 1, 1, 1), regs.shape
         word = lambda t, h: utils.bitcast(regs[0, t, 0, 0, h, 0, 0, 0, 0], i32)
+
+    v2bf16 = ir.VectorType.get((2,), bf16)
+    out = np.empty((1, 4 * len(groups), 1, 1, 2, 1, 1, 1, 1), dtype=object)
+    if raw:
+        for ti, t in enumerate(groups):
+            for h in range(2):
+                v = utils.bitcast(word(t, h), v2bf16)
+                for j in range(4):
+                    out[0, 4 * ti + j, 0, 0, h, 0, 0, 0, 0] = v
+        return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
     # Scales: thread rows r = 16 * warp + lane // 4 + 8 h. Permuted K: the word of group t holds block
     # 2t + q // 2 (q = lane % 4). Natural K: bytes 0, 1 of the word are in block 2t, bytes 2, 3 in 2t + 1.
@@ -175,8 +188,6 @@ def decode_tile_mgpu(w_ref, s_ref, variant: DecodeVariant, natural_k: bool = Fal
                     for j in range(4):
                         scales[(t, h, j)] = sc
 
-    v2bf16 = ir.VectorType.get((2,), bf16)
-    out = np.empty((1, 4 * len(groups), 1, 1, 2, 1, 1, 1, 1), dtype=object)
     for ti, t in enumerate(groups):
         for h in range(2):
             bits = _pair_bits(word(t, h), c32, arith, utils)

@@ -151,6 +151,20 @@ def test_fp32_output_request_is_served_in_interpret_mode():
     _assert_close(out, x, w, gs)
 
 
+def test_timing_ablations_are_checked_and_never_reach_interpret_mode(monkeypatch):
+    """grouped_matmul.ABLATE (timing diagnostics that skip the decode or the stores) rejects unknown names, and
+    interpret mode ignores it: the CPU path stays exact even if a benchmark left it set."""
+    e, n, k = 2, 128, 256
+    w = _weight(jax.random.PRNGKey(6), e, n, k)
+    x = (jax.random.normal(jax.random.PRNGKey(7), (5, k)) * 3).astype(jnp.bfloat16)
+    gs = jnp.asarray([2, 3], jnp.int32)
+    monkeypatch.setattr(gm, "ABLATE", frozenset({"decdoe"}))
+    with pytest.raises(ValueError, match="unknown ablations"):
+        gm.grouped_linear(x, w, gs, config=gm.Config(tile_m=8, num_stages=1), interpret=True)
+    monkeypatch.setattr(gm, "ABLATE", frozenset({"decode", "store"}))
+    out = gm.grouped_linear(x, w, gs, config=gm.Config(tile_m=8, num_stages=1), interpret=True)
+    _assert_close(out, x, w, gs)
+
 
 def test_split_k_policy_balances_decode_sizes():
     """The modelled busiest-SM time picks a K split only where the units leave SMs idle or unevenly loaded."""
