@@ -292,31 +292,16 @@ def breakdown(res, tokens=(1, 8, 64, 8192)):
     res["breakdown_fused"] = fused_out
 
 
-def _u32_pairs(a):
-    """bf16 [M, K] -> uint32 [M, K/2]: the permutation moves whole bf16 pairs (nvfp4_decode.k_permutation)."""
-    return jax.lax.bitcast_convert_type(a.reshape(a.shape[0], -1, 2), jnp.uint32)
-
-
-def _from_u32(u, k):
-    return jax.lax.bitcast_convert_type(u, jnp.bfloat16).reshape(u.shape[0], k)
-
-
-def _perm_u32_transpose(a):
-    k = a.shape[1]
-    return _from_u32(jnp.swapaxes(_u32_pairs(a).reshape(a.shape[0], k // 32, 4, 4), -2, -1).reshape(a.shape[0], -1), k)
-
-
-def _perm_u32_take(a):
-    k = a.shape[1]
-    c = np.arange(k // 2)
-    p = jnp.asarray(16 * (c // 16) + 4 * (c % 4) + (c // 4) % 4, jnp.int32)
-    return _from_u32(jnp.take(_u32_pairs(a), p, axis=1), k)
+def _perm_take(a):
+    """The permutation as a gather of columns (an index constant)."""
+    from pallas_kernels import nvfp4_decode
+    return jnp.take(a, jnp.asarray(nvfp4_decode.k_permutation(a.shape[1])), axis=1)
 
 
 def _permute_variants():
     from pallas_kernels import nvfp4_decode
-    return {"bf16 swapaxes (permute_k)": nvfp4_decode.permute_k, "u32 swapaxes": _perm_u32_transpose,
-            "u32 take": _perm_u32_take, "u32 stack of slices (permute_activation)": nvfp4_decode.permute_activation}
+    return {"bf16 moveaxis (permute_k)": nvfp4_decode.permute_k, "bf16 take": _perm_take,
+            "u32 halves of strided slices (permute_activation)": nvfp4_decode.permute_activation}
 
 
 def permute(res, rows=(6, 48, 384, 1536, 4032)):

@@ -91,13 +91,14 @@ def _set_variant(variant):
     SwiGLU kernel's pipelined K loop, Config.overlap_mma); nosplit (Config.split_k = 1); unroll1 (k_unroll = 1);
     wg2 / wg4 (Config.compute_wgs); wg4_nosplit (four compute warpgroups, no K split); split2x (twice the
     default K split where it is > 1); pf_loads / pf_none (fused_moe.PREFETCH_DOWN on / off)."""
-    if variant not in ("default", "sorted", "rows16", *_PREFETCH_VARIANTS, *_CONFIG_VARIANTS, *_ABLATE_VARIANTS):
+    if variant not in ("default", "sorted", "rows16", *_PREFETCH_VARIANTS, *_CONFIG_VARIANTS, *_ABLATE_VARIANTS) \
+            and not variant.startswith("cfg:"):
         raise ValueError(f"unknown variant {variant!r}")
     gm.ABLATE = _ABLATE_VARIANTS.get(variant, frozenset())
     fused_moe.PREFETCH_DOWN = _PREFETCH_VARIANTS.get(variant, _DEFAULTS[3])
     fused_moe.ROWS_MODE_MAX_ROWS = 0 if variant == "sorted" else _DEFAULTS[0]
     fused_moe.ROWS_TILE_M = 16 if variant == "rows16" else _DEFAULTS[1]
-    change = _CONFIG_VARIANTS.get(variant)
+    change = _config_fields(variant[4:]) if variant.startswith("cfg:") else _CONFIG_VARIANTS.get(variant)
 
     def changed(cfg, rows_mode):     # applied to the fused path's final config (after its row-item tile)
         cfg = _DEFAULTS[2](cfg, rows_mode)
@@ -204,8 +205,11 @@ def time_grouped(tokens, variants):
             gm.ABLATE = frozenset(abl.split(":")) - {""}
             cfg = {"default": base, "tile8": dataclasses.replace(base, tile_m=8),
                    "rows": dataclasses.replace(base, tile_m=8)}.get(name)
+            if name.startswith("cfg:"):     # e.g. cfg:num_stages=8;compute_wgs=2 (fields of gm.Config)
+                cfg = dataclasses.replace(base, **_config_fields(name[4:]))
             if cfg is None:
-                raise ValueError(f"unknown grouped variant {name!r} (default, tile8, rows; +decode:store ablates)")
+                raise ValueError(f"unknown grouped variant {name!r} (default, tile8, rows, cfg:FIELD=V;...; "
+                                 f"+decode:store ablates)")
             if name == "rows":
                 def f(x, gs, w, cfg=cfg):
                     row_group = jnp.searchsorted(jnp.cumsum(gs), jnp.arange(m), side="right").astype(jnp.int32)
@@ -221,6 +225,17 @@ def time_grouped(tokens, variants):
             print(f"| {name} | {abl or '-'} | {t} | {m} | {int((gs_np > 0).sum())} | {call:.4f} | "
                   f"{', '.join(f'{nm[:24]} {v:.4f}' for nm, v in kern)} | {byts / (call * 1e9):.3f} |", flush=True)
     gm.ABLATE = frozenset()
+
+
+def _config_fields(spec: str) -> dict:
+    """'num_stages=8;compute_wgs=2' -> {'num_stages': 8, 'compute_wgs': 2} (ints and true/false)."""
+    out = {}
+    for item in filter(None, spec.split(";")):
+        key, _, val = item.partition("=")
+        out[key] = {"true": True, "false": False}.get(val.lower(), None)
+        if out[key] is None:
+            out[key] = int(val)
+    return out
 
 
 def time_chain(t, calls, weights, x, e=256, k=6):

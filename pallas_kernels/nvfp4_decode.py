@@ -66,41 +66,55 @@ def decode_jnp(packed: jax.Array, block_scale: jax.Array, variant: DecodeVariant
 #
 # The packed tile [64, 256] (int4 view of the uint8 codes) is loaded in the WGMMA_UPCAST_4X layout: each thread
 # holds, for its rows r and r + 8, one 32-bit word per 32-column group t with the 8 consecutive codes
-# k = 32t + 8q .. 32t + 8q + 7 (q = lane % 4). Each word becomes four bf16x2 registers with 3 integer ops per
-# pair of codes (prmt + mul + and, `_pair_bits`), and
-# all 8 codes share one block scale, so the scale multiply is four `mul.bf16x2` by one broadcast register.
+# k = 32t + 8q .. 32t + 8q + 7 (q = lane % 4). All 8 codes share one block scale, so the scale multiply is four
+# `mul.bf16x2` by one broadcast register.
 #
-# The four registers are placed where the WGMMA register layout keeps 8-column tiles 4t..4t+3 of the thread's
-# rows, i.e. the operand is the weight with its K axis permuted inside every 32-column group: operand column
-# 32t + 8j + 2q + b holds weight column 32t + 8q + 2j + b (the 2-bit fields j and q swapped; the permutation
-# is its own inverse). The activation tile must be permuted the same way (`k_permutation`), which costs nothing
-# where the activation is gathered anyway (the MoE path) and one pass over x otherwise. Skipping the
-# register relayout that the natural order would need is what makes the decode cheap.
+# Permuted K (decode sizes): register j of a word holds codes j and j + 4, which already sit 16 bits apart, one
+# in each half: one mask, one multiply and one mask per register (`_spread_bits`), no nibble split and no byte
+# permute. The four registers are placed where the WGMMA register layout keeps 8-column tiles 4t..4t+3 of the
+# thread's rows, i.e. the operand is the weight with its K axis permuted inside every 32-column group: operand
+# column 32t + 8j + 2q + b holds weight column 32t + 8q + 4b + j. The activation tile must be permuted the same way
+# (`k_permutation`), which costs nothing where the activation is gathered anyway (the MoE path) and one pass over
+# x otherwise. Skipping the register relayout that the natural order would need is what makes the decode cheap.
+# (Until 2026-12-04 register j held codes 2j, 2j + 1, which took a nibble split, a prmt, a multiply and a mask per
+# register: 11 integer-pipe instructions per word where this takes 9, the decode being bound by sm90's
+# half-rate integer pipe: benchmarks/RESULTS.md, fifteenth session.)
+#
+# Natural K (prefill): the codes are first relaid so that register j holds the adjacent codes 2j, 2j + 1
+# (`_pair_bits`) and K keeps its order.
 
 def k_permutation(k: int) -> np.ndarray:
-    """Column order of the activation that matches the kernel's decoded weight operand (an involution)."""
+    """Column order of the activation that matches the kernel's permuted-K weight operand: x_perm = x[:, perm].
+    Operand column 32t + 8j + 2q + b holds weight column 32t + 8q + 4b + j."""
     c = np.arange(k)
     t, j, q, b = c // 32, (c // 8) % 4, (c // 2) % 4, c % 2
-    return (32 * t + 8 * q + 2 * j + b).astype(np.int32)
+    return (32 * t + 8 * q + 4 * b + j).astype(np.int32)
 
 
 def permute_k(a: jax.Array) -> jax.Array:
     """a [..., K] -> a[..., k_permutation(K)] with reshapes only (no index constant; usable in kernels)."""
     *lead, k = a.shape
-    a = a.reshape(*lead, k // 32, 4, 4, 2)                  # (t, q, j, b)
-    return jnp.swapaxes(a, -3, -2).reshape(*lead, k)      # (t, j, q, b)
+    a = a.reshape(*lead, k // 32, 4, 2, 4)                  # (t, q, b, j)
+    return jnp.moveaxis(a, -1, -3).reshape(*lead, k)       # (t, j, q, b)
 
 
 def permute_activation(a: jax.Array) -> jax.Array:
-    """`permute_k` of a 16-bit activation [M, K] in XLA, the fast way: the permutation moves whole pairs of
-    columns, so it runs on the pairs as uint32 [M, K/2], 16 per 32-column group swapped as a 4 x 4 transpose
-    (written as a stack of strided slices). XLA's transpose of the bf16 form ran at 0.21 TB/s, this one at
-    3-4.7 TB/s (384-4032 rows x 4096, H200, benchmarks/moe_kernels.py --sections permute, 2026-12-02)."""
+    """`permute_k` of a 16-bit activation [M, K] in XLA, the fast way: on uint32 pairs of columns [M, K/2]. Each
+    output pair (b = 0, 1) of (j, q) takes one 16-bit half from each of two input pairs, so the permutation is a
+    stack of masks and shifts of strided slices, one loop fusion (XLA's transpose of the 16-bit form ran at
+    0.21 TB/s, the uint32 form of the previous permutation at 3-4.7 TB/s: 384-4032 rows x 4096, H200,
+    benchmarks/moe_kernels.py --sections permute, 2026-12-02)."""
     m, k = a.shape
     if jnp.dtype(a.dtype).itemsize != 2 or k % 32:
         return permute_k(a)
-    u = lax.bitcast_convert_type(a.reshape(m, k // 2, 2), jnp.uint32).reshape(m, k // 32, 4, 4)   # (t, q, j)
-    u = jnp.stack([u[..., j] for j in range(4)], axis=-2)                                          # (t, j, q)
+    u = lax.bitcast_convert_type(a.reshape(m, k // 2, 2), jnp.uint32).reshape(m, k // 32, 4, 2, 2)  # (t, q, b, jp)
+    lo, hi = jnp.uint32(0xFFFF), jnp.uint32(0xFFFF0000)
+    outs = []
+    for jp in range(2):
+        a0, a1 = u[..., 0, jp], u[..., 1, jp]             # [M, K/32, 4 (q)]: columns (j = 2jp, 2jp + 1) of b = 0, 1
+        outs.append((a0 & lo) | (a1 << 16))               # j = 2jp: the low halves
+        outs.append((a0 >> 16) | (a1 & hi))               # j = 2jp + 1: the high halves
+    u = jnp.stack(outs, axis=-2)                                                                      # (t, j, q)
     return lax.bitcast_convert_type(u.reshape(m, k // 2), a.dtype).reshape(m, k)
 
 
@@ -158,7 +172,9 @@ def decode_tile_mgpu(w_ref, s_ref, variant: DecodeVariant, natural_k: bool = Fal
     tid = arith.remui(utils.thread_idx(), c32(128))
     lane = arith.remui(tid, c32(32))
     row0 = arith.addi(arith.muli(arith.divui(tid, c32(32)), c32(16)), arith.divui(lane, c32(4)))
-    odd = arith.muli(arith.divui(arith.remui(lane, c32(4)), c32(2)), c32(8))     # 8 * (q // 2): bit shift
+    q_hi = arith.divui(arith.remui(lane, c32(4)), c32(2))                        # q // 2
+    # Permuted K: the selector that brings this thread's two scale bytes (0, 2 or 1, 3) of a word to the low half.
+    pick = arith.addi(c32(0x5420), arith.muli(q_hi, c32(0x11)))
     base = utils.memref_ptr(s_ref)
     v4i32 = ir.VectorType.get((4,), i32)
     m_lo = c32(0x0FFF0FFF)
@@ -177,24 +193,45 @@ def decode_tile_mgpu(w_ref, s_ref, variant: DecodeVariant, natural_k: bool = Fal
                                                            c32(3)), m_lo), fold)
                     lo, hi = utils.prmt(b2, b2, c32(0x1010)), utils.prmt(b2, b2, c32(0x3232))
                     for j in range(4):
-                        scales[(t, h, j)] = lo if j < 2 else hi
+                        scales[(t, h, j)] = utils.bitcast(lo if j < 2 else hi, v2bf16)
             else:
-                wv = arith.shrui(wv, odd)     # wanted bytes now at positions 0 and 2
-                pair = utils.prmt(wv, wv, c32(0x5420))
-                b2 = arith.addi(arith.andi(arith.shrui(utils.inline_ptx(cvt, pair, result_types=i32),
-                                                       c32(3)), m_lo), fold)
-                for t, sel in ((2 * wi, 0x1010), (2 * wi + 1, 0x3232)):
-                    sc = utils.prmt(b2, b2, c32(sel))
+                pair = utils.prmt(wv, wv, pick)
+                # f16 -> bf16 * 2^118 without the mask: the bits that the shift brings into the low half are the
+                # high f16's mantissa bits 0..2, zero for every E4M3 value (3 mantissa bits), and the sign bits
+                # are zero for the non-negative scales every quantizer writes.
+                b2 = utils.bitcast(arith.addi(arith.shrui(utils.inline_ptx(cvt, pair, result_types=i32), c32(3)),
+                                              fold), v2bf16)
+                for t, half in ((2 * wi, 0), (2 * wi + 1, 1)):
+                    # A broadcast half (PTX mov {h, h}) that ptxas folds into the multiply's operand (.H0_H0 /
+                    # .H1_H1), where a prmt would be an instruction of its own.
+                    sc = vector.broadcast(v2bf16, vector.extract(b2, dynamic_position=[], static_position=[half]))
                     for j in range(4):
                         scales[(t, h, j)] = sc
 
+    spread = _pair_bits if natural_k else _spread_bits
     for ti, t in enumerate(groups):
         for h in range(2):
-            bits = _pair_bits(word(t, h), c32, arith, utils)
+            bits = spread(word(t, h), c32, arith, utils)
             for j in range(4):
                 v = utils.bitcast(bits[j], v2bf16)                       # value * 2^-126 (bf16 pair)
-                out[0, 4 * ti + j, 0, 0, h, 0, 0, 0, 0] = arith.mulf(v, utils.bitcast(scales[(t, h, j)], v2bf16))
+                out[0, 4 * ti + j, 0, 0, h, 0, 0, 0, 0] = arith.mulf(v, scales[(t, h, j)])
     return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+
+def _spread_bits(w, c32, arith, utils):
+    """Codes j, j+4 of the word w -> register j's bf16x2 bit pattern (j = 0..3; sign at bits 15/31, e1 e0 m at
+    bits 8-6 / 24-22). Codes j and j + 4 are 16 bits apart: masking them leaves one code at bits 4i..4i+3 of each
+    half (i = j % 2; codes 2, 3, 6, 7 after one shift of the word by 8), and the multiply by 2^(6-4i) + 2^(12-4i)
+    puts a copy at bits 6-9 and one at 12-15 (22-25, 28-31) that cannot overlap or carry; the last mask keeps
+    e1 e0 m of the first copy and the sign of the second. 9 integer-pipe instructions per word (the multiplies
+    are IMADs on the FMA pipe)."""
+    w2 = arith.shrui(w, c32(8))
+    out = []
+    for j in range(4):
+        src = w if j < 2 else w2
+        mask, mult = (0x000F000F, 0x1040) if j % 2 == 0 else (0x00F000F0, 0x0104)
+        out.append(arith.andi(arith.muli(arith.andi(src, c32(mask)), c32(mult)), c32(0x81C081C0)))
+    return out
 
 
 def _pair_bits(w, c32, arith, utils):

@@ -82,7 +82,9 @@ def test_decode_matches_dequantize_and_permutation():
     ref = nvfp4.dequantize(nvfp4.NVFP4Tensor(w.packed, w.block_scale, jnp.ones((2, 1), jnp.float32)))
     np.testing.assert_array_equal(np.asarray(dec) * 2.0 ** 8, np.asarray(ref))
     p = nvfp4_decode.k_permutation(256)
-    np.testing.assert_array_equal(p[p], np.arange(256))
+    np.testing.assert_array_equal(np.sort(p), np.arange(256))
+    c = np.arange(256)                  # operand column 32t + 8j + 2q + b holds weight column 32t + 8q + 4b + j
+    np.testing.assert_array_equal(p, 32 * (c // 32) + 8 * ((c // 2) % 4) + 4 * (c % 2) + (c // 8) % 4)
     a = jnp.arange(3 * 256).reshape(3, 256)
     np.testing.assert_array_equal(np.asarray(nvfp4_decode.permute_k(a)), np.asarray(a)[:, p])
     # The XLA form over uint32 pairs: the same columns, bit for bit (NaN payloads and -0 included).
@@ -180,6 +182,9 @@ def test_split_k_policy_balances_decode_sizes():
     assert (cfg.tile_m, cfg.compute_wgs, cfg.split_k) == (32, 2, 1)
     assert gm.default_config(384, 256, n=4096, k=4096).tile_m == 16
     assert gm.default_config(8, 1, n=4096, k=4096).tile_m == 16              # a dense linear at batch 8
+    cfg = gm.default_config(6, 256, n=4096, k=4096)                          # one token's rows, sorted: 8-row tiles
+    assert (cfg.tile_m, cfg.num_stages, cfg.k_unroll, cfg.compute_wgs, cfg.split_k) == (8, 6, 2, 4, 2)
+    assert gm.default_config(12, 256, n=4096, k=4096).tile_m == 16
     assert gm.default_config(1536, 256, num_weights=2, n=2048, k=4096).tile_m == 16
     cfg = gm.default_config(8192, 256, n=4096, k=4096)
     assert (cfg.split_k, cfg.compute_wgs, cfg.natural_k) == (1, 2, True)
