@@ -8,7 +8,12 @@ a decode step costs in instructions.
 
     pip install --no-deps --target .carry/cudaplug jax-cuda13-plugin==0.11.2 jax-cuda13-pjrt==0.11.2
     JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 PYTHONPATH=.carry/cudaplug:. PATH=/usr/local/cuda/bin:$PATH \\
-        python benchmarks/expert_ptx.py [--tokens 1] [--prefetch-down on] [--out DIR] [--diff OTHER_DIR]
+        python benchmarks/expert_ptx.py [--tokens 1] [--prefetch-down on] [--out DIR] [--diff OTHER_DIR] [--sass]
+
+`--sass` also assembles each PTX for sm_90a (ptxas) and disassembles it (nvdisasm: the CUDA toolkit's, or the copy
+that ships in the triton wheel), and counts SASS instructions by the pipe they issue to. The FP4 decode is bound by
+the integer pipe (16 lanes per SM sub-partition: two issue cycles per warp instruction), so its LOP3/PRMT/SHF count
+is the number to lower (benchmarks/RESULTS.md, fifteenth session).
 """
 from __future__ import annotations
 
@@ -62,6 +67,58 @@ def compile_experts(tokens: int, prefetch_down: bool | None, dump_dir: str) -> N
             spec((tokens, k), jnp.int32), spec((tokens, k), jnp.float32)).compile()
 
 
+# SASS opcodes by the sm90 pipe that executes them (the ones the expert kernels' inner loops use).
+SASS_PIPES = {
+    "integer (ALU)": ("LOP3", "PRMT", "SHF", "IADD3", "LEA", "SEL", "ISETP", "VIADD", "IABS", "FLO", "POPC"),
+    "FMA (IMAD, HMUL2, ...)": ("IMAD", "HMUL2", "HFMA2", "HADD2", "FFMA", "FMUL", "FADD"),
+    "conversion": ("F2FP", "F2F", "I2F", "F2I"),
+    "shared memory": ("LDS", "LDSM", "STS"),
+    "tensor core": ("HGMMA",),
+    "TMA": ("UTMALDG", "UTMASTG", "UBLKCP"),
+}
+
+
+def sass_counts(sass: str) -> dict[str, int]:
+    """Static count of the SASS instructions of each pipe in `nvdisasm` output (predicates and modifiers
+    ignored: `@!P0 LOP3.LUT R1, ...` counts as LOP3)."""
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    out = {pipe: 0 for pipe in SASS_PIPES}
+    for op in ops:
+        for pipe, names in SASS_PIPES.items():
+            if op in names:
+                out[pipe] += 1
+    out["all"] = len(ops)
+    return out
+
+
+def _nvdisasm() -> str | None:
+    import shutil
+    found = shutil.which("nvdisasm")
+    if found:
+        return found
+    try:
+        import triton
+        cand = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+        return cand if os.path.exists(cand) else None
+    except ImportError:
+        return None
+
+
+def kernel_sass(dump_dir: str) -> dict[str, str]:
+    """name -> SASS text of each dumped PTX (ptxas -arch=sm_90a -O3, then nvdisasm)."""
+    import shutil
+    import subprocess
+    ptxas, nvdisasm = shutil.which("ptxas"), _nvdisasm()
+    if not ptxas or not nvdisasm:
+        sys.exit(f"--sass needs ptxas and nvdisasm (found {ptxas!r}, {nvdisasm!r})")
+    out = {}
+    for name in sorted(f for f in os.listdir(dump_dir) if f.endswith(".ptx")):
+        cubin = os.path.join(dump_dir, name[:-4] + ".cubin")
+        subprocess.run([ptxas, "-arch=sm_90a", "-O3", os.path.join(dump_dir, name), "-o", cubin], check=True)
+        out[name] = subprocess.run([nvdisasm, "-c", cubin], check=True, capture_output=True, text=True).stdout
+    return out
+
+
 def kernel_ptx(dump_dir: str) -> dict[str, str]:
     """name -> PTX text without line information (`.loc`, `.file`), so that two compiles compare as code."""
     out = {}
@@ -82,6 +139,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=1)
     ap.add_argument("--prefetch-down", choices=("default", "on", "off"), default="default",
                     help="fused_moe.moe_experts' prefetch_down (default: fused_moe.PREFETCH_DOWN)")
+    ap.add_argument("--sass", action="store_true", help="also count SASS instructions per pipe (ptxas, nvdisasm)")
     ap.add_argument("--ablate", default="", help="comma list for grouped_matmul.ABLATE (timing diagnostics)")
     ap.add_argument("--out", default=None, help="dump folder (default: a new temporary one)")
     ap.add_argument("--diff", default=None, help="another dump folder: report which kernels' PTX differ")
@@ -101,6 +159,12 @@ def main(argv=None):
     for name, text in ptx.items():
         c = counts(text)
         print(f"| {name} | {text.count(chr(10))} | " + " | ".join(str(c[f]) for f in FAMILIES) + " |")
+    if args.sass:
+        print("| kernel (SASS) | all | " + " | ".join(SASS_PIPES) + " |")
+        print("|---|---|" + "---|" * len(SASS_PIPES))
+        for name, text in kernel_sass(out).items():
+            c = sass_counts(text)
+            print(f"| {name} | {c['all']} | " + " | ".join(str(c[p]) for p in SASS_PIPES) + " |")
     if args.diff:
         other = kernel_ptx(args.diff)
         for name in sorted(set(ptx) | set(other)):

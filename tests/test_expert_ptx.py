@@ -25,3 +25,20 @@ def test_counts_find_instructions_inside_inline_asm_and_predicates(tmp_path):
     assert c["wgmma"] == 1 and c["L2 prefetch"] == 1 and c["e4m3 -> f16 cvt (scales)"] == 1
     assert c["mul.lo (nibble spread)"] == 1 and c["bf16x2 mul/fma (block scale)"] == 1
     assert c["prmt"] == 0 and c["TMA load"] == 0
+
+
+_SASS = """        /*0040*/                   PRMT R0, R4, 0x1010, R4 ;
+        /*0050*/                   HMUL2.BF16_V2 R8, R5, R4.H0_H0 ;
+        /*0060*/              @!P2 LOP3.LUT R9, R6, 0xf0f0f0f, RZ, 0xc0, !PT ;
+        /*0070*/                   IMAD R65, R65, 0x1040, RZ ;
+        /*0080*/                   HGMMA.64x8x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0090*/                   SYNCS.ARRIVE.TRANS64.A1T0 RZ, [UR24+0x8], RZ ;
+"""
+
+
+def test_sass_counts_group_opcodes_by_pipe():
+    c = expert_ptx.sass_counts(_SASS)
+    assert c["all"] == 6
+    assert c["integer (ALU)"] == 2           # PRMT and the predicated LOP3
+    assert c["FMA (IMAD, HMUL2, ...)"] == 2
+    assert c["tensor core"] == 1 and c["TMA"] == 0
