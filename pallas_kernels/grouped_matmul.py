@@ -33,7 +33,7 @@ same CTA: out = silu(min(g, L)) * clip(u, -L, L)); the latter is used by `fused_
 Error bound (tests/gpu/test_kernels_grouped.py, both modes): |out - ref| <= 2^-8 |ref| + 1e-5 (|x| @ |W|^T).
 Limits: N % 128 == 0 and K % 256 == 0 (`supported`; the dispatcher falls back to the reference otherwise);
 W4A16 activations below ~2^-100 lose precision (the decoded weight carries a 2^-8 factor, products of
-magnitude < 2^-126 are fp32 subnormals); block-scale bytes must be finite, positive and non-zero (every
+magnitude < 2^-126 are fp32 subnormals); block-scale bytes must be finite and positive (every
 quantizer writes such scales and checkpoint validation rejects negative ones; a zero-scale block with non-zero
 codes would not decode to zero, a negative one not to its value).
 """

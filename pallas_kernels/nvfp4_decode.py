@@ -196,11 +196,8 @@ def decode_tile_mgpu(w_ref, s_ref, variant: DecodeVariant, natural_k: bool = Fal
                         scales[(t, h, j)] = utils.bitcast(lo if j < 2 else hi, v2bf16)
             else:
                 pair = utils.prmt(wv, wv, pick)
-                # f16 -> bf16 * 2^118 without the mask: the bits that the shift brings into the low half are the
-                # high f16's mantissa bits 0..2, zero for every E4M3 value (3 mantissa bits), and the sign bits
-                # are zero for the non-negative scales every quantizer writes.
-                b2 = utils.bitcast(arith.addi(arith.shrui(utils.inline_ptx(cvt, pair, result_types=i32), c32(3)),
-                                              fold), v2bf16)
+                b2 = utils.bitcast(_scale_pair_bits(utils.inline_ptx(cvt, pair, result_types=i32), c32, arith),
+                                   v2bf16)
                 for t, half in ((2 * wi, 0), (2 * wi + 1, 1)):
                     # A broadcast half (PTX mov {h, h}) that ptxas folds into the multiply's operand (.H0_H0 /
                     # .H1_H1), where a prmt would be an instruction of its own.
@@ -216,6 +213,14 @@ def decode_tile_mgpu(w_ref, s_ref, variant: DecodeVariant, natural_k: bool = Fal
                 v = utils.bitcast(bits[j], v2bf16)                       # value * 2^-126 (bf16 pair)
                 out[0, 4 * ti + j, 0, 0, h, 0, 0, 0, 0] = arith.mulf(v, scales[(t, h, j)])
     return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+
+def _scale_pair_bits(f16x2, c32, arith):
+    """Two E4M3 block scales as f16x2 (cvt.rn.f16x2.e4m3x2) -> bf16x2 bits of s * 2^118 (permuted-K path): shift
+    the f16 fields into bf16 position, add the exponent offset (+112 for f16 -> bf16, +118 for the fold). No mask:
+    the bits the shift brings into the low half are the high f16's mantissa bits 0..2, zero for every E4M3 value
+    (3 mantissa bits), and the sign bits are zero for the non-negative scales every quantizer writes."""
+    return arith.addi(arith.shrui(f16x2, c32(3)), c32(0x73007300))
 
 
 def _spread_bits(w, c32, arith, utils):

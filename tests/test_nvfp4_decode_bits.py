@@ -26,6 +26,7 @@ def _prmt(a, b, c):
 
 _ARITH = types.SimpleNamespace(
     andi=lambda a, b: np.bitwise_and(a, b, dtype=np.uint32),
+    addi=lambda a, b: np.add(a, b, dtype=np.uint32),
     shrui=lambda a, b: np.right_shift(a, b, dtype=np.uint32),
     muli=lambda a, b: ((a.astype(np.uint64) * np.uint64(b)) & np.uint64(0xFFFFFFFF)).astype(np.uint32))
 _UTILS = types.SimpleNamespace(prmt=_prmt)
@@ -70,14 +71,14 @@ def test_spread_bits_put_codes_j_and_j_plus_4_in_register_j():
 
 
 def test_scale_conversion_without_mask_is_exact_for_every_scale_pair():
-    """The permuted-K scale path: cvt.rn.f16x2.e4m3x2 of two scale bytes, >> 3, + 0x73007300 (no mask) must give
-    bf16(s * 2^118) in both halves for every pair of finite non-negative E4M3 bytes (0 included: it gives 2^103,
-    the documented non-zero-scale requirement)."""
+    """The permuted-K scale path (`_scale_pair_bits`, no mask) after cvt.rn.f16x2.e4m3x2 of two scale bytes must
+    give bf16(s * 2^118) in both halves for every pair of finite non-negative E4M3 bytes (0 included: it gives
+    2^103, the documented non-zero-scale requirement)."""
     import ml_dtypes
     b = np.arange(0x7F, dtype=np.uint8)                               # 0x00 .. 0x7E: finite, non-negative
     f16 = b.view(ml_dtypes.float8_e4m3fn).astype(np.float16).view(np.uint16).astype(np.uint32)
     lo, hi = np.meshgrid(f16, f16, indexing="ij")
-    bits = ((lo | (hi << np.uint32(16))) >> np.uint32(3)) + np.uint32(0x73007300)
+    bits = nd._scale_pair_bits(lo | (hi << np.uint32(16)), _C32, _ARITH)
     got_lo = (bits & np.uint32(0xFFFF)).astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)
     got_hi = (bits >> np.uint32(16)).astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)
     s = b.view(ml_dtypes.float8_e4m3fn).astype(np.float64) * 2.0 ** 118
