@@ -90,11 +90,13 @@ def _set_variant(variant):
     """default; sorted (rows always sorted by expert); rows16 (one-row items in 16-row tiles); overlap (the
     SwiGLU kernel's pipelined K loop, Config.overlap_mma); nosplit (Config.split_k = 1); unroll1 (k_unroll = 1);
     wg2 / wg4 (Config.compute_wgs); wg4_nosplit (four compute warpgroups, no K split); split2x (twice the
-    default K split where it is > 1); pf_loads / pf_none (fused_moe.PREFETCH_DOWN on / off)."""
-    if variant not in ("default", "sorted", "rows16", *_PREFETCH_VARIANTS, *_CONFIG_VARIANTS, *_ABLATE_VARIANTS) \
+    default K split where it is > 1); pf_loads / pf_none (fused_moe.PREFETCH_DOWN on / off); xla_prep (rows mode
+    with the activations prepared by XLA launches, fused_moe.IN_KERNEL_ACTIVATIONS off)."""
+    if variant not in ("default", "sorted", "rows16", "xla_prep", *_PREFETCH_VARIANTS, *_CONFIG_VARIANTS, *_ABLATE_VARIANTS) \
             and not variant.startswith("cfg:"):
         raise ValueError(f"unknown variant {variant!r}")
     gm.ABLATE = _ABLATE_VARIANTS.get(variant, frozenset())
+    fused_moe.IN_KERNEL_ACTIVATIONS = variant != "xla_prep"
     fused_moe.PREFETCH_DOWN = _PREFETCH_VARIANTS.get(variant, _DEFAULTS[3])
     fused_moe.ROWS_MODE_MAX_ROWS = 0 if variant == "sorted" else _DEFAULTS[0]
     fused_moe.ROWS_TILE_M = 16 if variant == "rows16" else _DEFAULTS[1]
@@ -134,6 +136,8 @@ def time_tokens(tokens, copy_tb_s, variants=("default",), chain=0):
         calls = [profiler.measure(f)(*args)[1] for _ in range(7)]
         _, kern = profiler.measure(f, aggregate=False)(*args)
         ks = [ms for name, ms in kern if "mosaic" in name.lower()]
+        print(f"  launches: {len(kern)}: " + ", ".join(f"{name[:28]} {ms * 1e3:.1f} us" for name, ms in kern),
+              flush=True)
         floor = touched * 3 * d * i * 0.5625 / (copy_tb_s * 1e12) * 1e3
         call = statistics.median(calls)
         print(f"| {variant} | {t} | {touched} | {call:.4f} | {', '.join(f'{v:.4f}' for v in ks)} | {floor:.4f} | "

@@ -61,6 +61,11 @@ ROWS_TILE_M = 8       # one-row items need only wgmma's narrowest N (benchmarks/
 # not 57) but the down kernel gained 0.1-0.5 us and gate/up lost as much; the down kernel is 13.2 us even with its
 # weights in L2 (15.1 cold), so at most ~2 us is there to win (RESULTS.md, fourteenth session).
 PREFETCH_DOWN = False
+# Rows mode, W4A16, on the GPU: the kernels' x-loader warps build their activation tiles themselves
+# (grouped_matmul x_source, activation_tile.py): the gate/up kernel gathers and permutes the token's row, the down
+# kernel adds gate/up's split-K partials and applies SwiGLU. The two XLA launches around the gate/up kernel
+# (activation prep; split-K sum + SwiGLU + permutation) disappear: three launches per layer instead of five.
+IN_KERNEL_ACTIVATIONS = True
 
 
 def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.Array,
@@ -99,6 +104,24 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
     n_groups = m if rows_mode else e
     cfg1 = config or _rows_tile(gm.default_config(m, n_groups, num_weights=2, n=inter, k=d), rows_mode)
     cfg2 = config or _rows_tile(gm.default_config(m, n_groups, n=d, k=inter), rows_mode)
+    rs1 = gm.epilogue_row_scale(w1.global_scale, e, inter, w1.input_scale)
+    rs3 = gm.epilogue_row_scale(w3.global_scale, e, inter, w3.input_scale)
+    rs2 = gm.epilogue_row_scale(w2.global_scale, e, d, w2.input_scale)
+    pf = (w2.packed, w2.block_scale) if (rows_mode and prefetch_down) else None
+    if (IN_KERNEL_ACTIVATIONS and rows_mode and not interpret and w1.input_scale is None
+            and w2.input_scale is None and cfg1.tile_m == cfg2.tile_m == gm.activation_tile.TILE_ROWS
+            and not (cfg1.natural_k or cfg2.natural_k)):
+        # gate/up from x's rows (token r // k), its raw output (fp32 partials with a K split, else h) straight
+        # into the down kernel
+        h = gm._launch(x.astype(jnp.bfloat16), [w1.packed, w3.packed], [w1.block_scale, w3.block_scale],
+                       [rs1, rs3], None, jnp.dtype(jnp.bfloat16), cfg1, "swiglu", swiglu_limit, interpret,
+                       row_group=row_group, m=m, l2_prefetch=pf, x_source="gather", rows_per_token=k,
+                       raw_output=True)
+        src = dict(x_source="swiglu", x_limit=swiglu_limit) if cfg1.split_k > 1 else dict(x_source="gather")
+        y = gm._launch(h, [w2.packed], [w2.block_scale], [rs2], None, jnp.dtype(jnp.bfloat16), cfg2, "linear",
+                       None, interpret, row_group=row_group, m=m, **src)                       # [M, D]
+        y = y.astype(jnp.float32) * route_w[:, None]
+        return y.reshape(t, k, d).sum(axis=1).astype(out_dtype)
     if w1.input_scale is not None:      # W4A4: quantize in the natural column order, then prepare
         g13, m13 = _shared_input_scale(w1, w3)
         xs = act_quant.quantize_dequantize_grouped(x[token_of_row].astype(jnp.bfloat16), g13, group_sizes,
@@ -106,11 +129,8 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
         xs = gm.prepare_activation(xs, m, cfg1, interpret)
     else:   # the gather, padding and K permutation of the rows: one launch at decode sizes
         xs = gm.prepare_activation(x.astype(jnp.bfloat16), m, cfg1, interpret, rows=token_of_row)   # [M', D]
-    rs1 = gm.epilogue_row_scale(w1.global_scale, e, inter, w1.input_scale)
-    rs3 = gm.epilogue_row_scale(w3.global_scale, e, inter, w3.input_scale)
     # W4A16 down projection: the first launch returns h as the second's operand (padded, permuted).
     h_ready = w2.input_scale is None
-    pf = (w2.packed, w2.block_scale) if (rows_mode and prefetch_down) else None
     h = gm._launch(xs, [w1.packed, w3.packed], [w1.block_scale, w3.block_scale], [rs1, rs3], group_sizes,
                    jnp.dtype(x.dtype), cfg1, "swiglu", swiglu_limit, interpret, row_group=row_group, m=m,
                    prepare_for=cfg2 if h_ready else None, l2_prefetch=pf)           # [M, I] or [M', I]
@@ -119,7 +139,6 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
         h = act_quant.quantize_dequantize_grouped(h, w2.input_scale, group_sizes, multiplier=w2.input_multiplier,
                                                   gid=gid)
         h = gm.prepare_activation(h, m, cfg2, interpret)
-    rs2 = gm.epilogue_row_scale(w2.global_scale, e, d, w2.input_scale)
     y = gm._launch(h, [w2.packed], [w2.block_scale], [rs2], group_sizes, jnp.dtype(jnp.bfloat16),
                    cfg2, "linear", None, interpret, row_group=row_group, m=m)         # [M, D]
     y = y.astype(jnp.float32) * route_w[:, None]

@@ -49,6 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import activation_tile
 from pallas_kernels import nvfp4_decode
 
 _ROW_SLOTS = 2                      # 64-row weight slices per CTA tile (each owned by 1 or 2 compute warpgroups)
@@ -301,6 +302,12 @@ class _Dims:
     rows_mode: bool = False   # items are one row each, in order: the table is just the row's group [M]
     split_k: int = 1          # > 1: each unit sums K / split_k; fp32 partials [split_k, M, nw * N] are the output
     prefetch_rows: int = 0    # rows mode: L2-prefetch the next kernel's weight [E, N2, K2] of the first rows' groups
+    # Rows mode: where the activation comes from. "tma": the prepared operand (`prepare_activation`), loaded by TMA.
+    # "gather" / "swiglu": the x-loader warp builds each tile itself (activation_tile.py) from a natural-order bf16
+    # x [R, K] (row of item r: r // rows_per_token) or from a gate/up kernel's fp32 partials [S, M', 2K].
+    x_source: str = "tma"
+    rows_per_token: int = 1
+    x_limit: float | None = None
 
 
 def _transforms(dtype, swizzle=128):
@@ -339,6 +346,15 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
     # setmaxnreg: the register file (64K) is shared by cwgs + 1 warpgroups; 640 threads launch with at most 96
     # registers each (61440), so 4 x 128 x 104 + 128 x 40 = 58368 fits where 112 would not.
     compute_regs, memory_regs = (232, 40) if cwgs == 2 else (104, 40)
+    if dims.x_source != "tma":
+        if not dims.rows_mode or tm != activation_tile.TILE_ROWS or interpret:
+            raise ValueError(f"x_source={dims.x_source!r} needs rows mode, {activation_tile.TILE_ROWS}-row tiles "
+                             "and a GPU (not interpret mode)")
+        # The x-loader warp adds the splits' partials of its 8 columns in registers: give it what the compute
+        # warpgroups leave of the launch's allocation (640 threads x 96 = 61440: 4 x 128 x 104 + 128 x 64).
+        # setmaxnreg.inc waits for the registers to be freed: asking for more than the allocation hangs the kernel
+        # (80 did, H200, 2026-12-04).
+        memory_regs = 64 if cwgs == 4 else 40
     unroll = cfg.k_unroll if (nw == 1 and k_iters % cfg.k_unroll == 0 and stages >= cfg.k_unroll) else 1
     # With overlap, the activation slot of step s is released once all of its P wgmma groups (tiles) are done:
     # after the wait that precedes tile n = ki * P + q of a later step, every tile <= n - 2 is done, which
@@ -613,7 +629,9 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
                     return carry_mm + u["has_mm"].astype(jnp.int32)
 
-                def x_loader(u, carry):
+                def x_loader(u, carry, part=None):
+                    """part None: every stage slot; 0 / 1: the even / odd slots (two warps share the "swiglu"
+                    build, whose loads from global memory take longer than a K step)."""
                     carry_mm = carry
                     k_base, load_start, offset, size = u["k_base"], u["load_start"], u["offset"], u["size"]
 
@@ -621,11 +639,21 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                     def _():
                         need = offset + size
 
-                        @pl.loop(0, k_iters)
-                        def _(ki):
-                            si = lax.rem(ki, stages)
+                        def slot_step(ki, si):
                             pl.when((ki >= stages) | (carry_mm > 0))(lambda: plgpu.barrier_wait(x_free.at[si]))
                             ks = pl.ds((k_base + ki) * tk, tk)
+                            if dims.x_source != "tma":      # rows mode: item = load_start + offset is the row
+                                row = load_start + offset
+                                if dims.x_source == "gather":
+                                    tok = row // dims.rows_per_token if dims.rows_per_token > 1 else row
+                                    activation_tile.build_tile(x_gmem.at[tok, ks], x_smem.at[si], source="gather")
+                                else:       # partials [S, M', 2K]: gate columns ks, up columns K + ks
+                                    splits, rows_p, cols_p = x_gmem.shape
+                                    activation_tile.build_tile(
+                                        x_gmem.at[:, row, ks], x_smem.at[si], source="swiglu", splits=splits,
+                                        split_stride=rows_p * cols_p, inter=dims.k, limit=dims.x_limit)
+                                plgpu.barrier_arrive(x_bar.at[si])
+                                return
 
                             def copy(p):
                                 return lambda: plgpu.copy_gmem_to_smem(
@@ -636,6 +664,14 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                                     return copy(tm)()
                                 return lax.cond(need <= p, copy(p), lambda: ladder(2 * p))
                             ladder(min(8, tm))
+
+                        @pl.loop(0, k_iters)
+                        def _(ki):
+                            si = lax.rem(ki, stages)
+                            if part is None:
+                                slot_step(ki, si)
+                            else:
+                                pl.when(lax.rem(si, 2) == part)(lambda: slot_step(ki, si))
 
                     return carry_mm + u["has_mm"].astype(jnp.int32)
 
@@ -658,9 +694,14 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
                     return carry
 
-                for wid, loader, bar in ((0, w_loader, w_free), (1, x_loader, x_free)):
+                two_x = dims.x_source == "swiglu"       # warps 1 and 3 build the even and odd slots
+                loaders = [(0, w_loader, w_free, None)]
+                loaders += ([(1, functools.partial(x_loader, part=0), x_free, 0),
+                             (3, functools.partial(x_loader, part=1), x_free, 1)] if two_x else
+                            [(1, x_loader, x_free, None)])
+                for wid, loader, bar, part in loaders:
                     @pl.when(warp_id == wid)
-                    def _(loader=loader, bar=bar, wid=wid):
+                    def _(loader=loader, bar=bar, wid=wid, part=part):
                         n_mm = unit_loop(loader, warp=True)
                         if wid == 0:      # this SM's weight loads are all issued
                             prefetch_next_weight()
@@ -668,7 +709,8 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                         @pl.when(n_mm > 0)
                         def _():
                             for st in range(stages):
-                                plgpu.barrier_wait(bar.at[st])
+                                if part is None or st % 2 == part:
+                                    plgpu.barrier_wait(bar.at[st])
 
                 @pl.when(warp_id == 2)
                 def _():
@@ -975,7 +1017,8 @@ def prepare_activation(x: jax.Array, m: int, cfg: Config, interpret: bool = Fals
 
 def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, epilogue, swiglu_limit,
             interpret, row_group=None, *, m: int | None = None, prepare_for: Config | None = None,
-            l2_prefetch=None):
+            l2_prefetch=None, x_source: str = "tma", rows_per_token: int = 1, x_limit: float | None = None,
+            raw_output: bool = False):
     """Run the kernel: x [M, K] (natural column order), 1 or 2 NVFP4 weights [E, N, K] -> [M, N].
 
     Rows sorted by group (`group_sizes`), or, with row_group [M] given, in any order: one work item per row (rows
@@ -985,19 +1028,36 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
     fuses into the XLA sum of the partials). l2_prefetch = (packed, block_scale) of a weight [E, N2, K2] (rows
     mode only): the kernel also asks L2 for that weight's groups of the rows, the next launch's weights, once this
     SM has issued its weight loads, within L2_PREFETCH_BUDGET bytes, so that HBM streams them while this kernel
-    drains and the next one launches."""
+    drains and the next one launches.
+
+    x_source (rows mode, GPU): "gather": x is natural-order bf16 [R, K] and row r of the problem is x[r //
+    rows_per_token] (m given); "swiglu": x is a two-weight kernel's raw partials [S, M', 2K] (`raw_output`) and
+    row r is swiglu(sum_s gate, sum_s up) with clamp x_limit. The x-loader warp builds each tile itself
+    (activation_tile.py): no preparation launch. raw_output: return the kernel's output as it wrote it: with a K
+    split the fp32 partials [split, M', nw * N] (epilogue not applied), else [M', N] (rows past m unwritten)."""
     e, n, _ = packs[0].shape
     tm = cfg.tile_m
-    if m is None:
+    k = packs[0].shape[2] * 2
+    if x_source != "tma":
+        if m is None or row_group is None:
+            raise ValueError(f"x_source={x_source!r} needs rows mode (row_group) and m")
+        if x_source == "gather" and (x.ndim != 2 or x.shape[1] != k or x.shape[0] * rows_per_token < m):
+            raise ValueError(f"x_source='gather': x must be [>= {m} / {rows_per_token}, {k}], got {list(x.shape)}")
+        if x_source == "swiglu" and (x.ndim != 3 or x.shape[2] != 2 * k or x.shape[1] < m
+                                     or x.dtype != jnp.float32):
+            raise ValueError(f"x_source='swiglu': x must be fp32 partials [S, >= {m}, {2 * k}], got "
+                             f"{x.dtype}{list(x.shape)}")
+        xp, mp = x, padded_rows(m, cfg, interpret)
+    elif m is None:
         m = x.shape[0]
         xp = prepare_activation(x, m, cfg, interpret)
+        mp = xp.shape[0]
     else:
         if x.shape[0] != padded_rows(m, cfg, interpret):
             raise ValueError(f"a prepared activation for {m} rows has {padded_rows(m, cfg, interpret)} rows, got "
                              f"{x.shape[0]}")
         xp = x
-    k = x.shape[1]
-    mp = xp.shape[0]
+        mp = xp.shape[0]
     if row_group is None:
         if 2 * _table_width(e) // _TABLE_COLS > 256:     # one TMA box
             raise ValueError(f"grouped_matmul kernel: {e} groups is more than the item table holds (4094)")
@@ -1018,7 +1078,9 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
             raise ValueError("l2_prefetch needs rows mode (row_group): sorted groups are not known per row")
         pf_rows = prefetch_rows_for(l2_prefetch[0].shape, m)
     dims = _Dims(m=m, k=k, n=n, e=e, num_weights=nw, row_scale_per_row=per_row, out_dtype=out_dtype,
-                 n_items=n_items, rows_mode=row_group is not None, split_k=split, prefetch_rows=pf_rows)
+                 n_items=n_items, rows_mode=row_group is not None, split_k=split, prefetch_rows=pf_rows,
+                 x_source=x_source, rows_per_token=rows_per_token,
+                 x_limit=float(x_limit) if (x_limit is not None and x_limit > 0) else None)
     body, scratch = _build_kernel(dims, cfg, epilogue, swiglu_limit, interpret)
     args = [table, xp, *packs, *scales, *row_scales, *(l2_prefetch if pf_rows else ())]
     out_type = (jax.ShapeDtypeStruct((split, mp, nw * n), jnp.float32) if split > 1 else
@@ -1035,6 +1097,8 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
         interpret=_interpret_params() if interpret else None,
     )
     out = kernel(*args)
+    if raw_output:
+        return out
     if split > 1:   # every (split, row, column) was written once: add the partials, then the epilogue
         part = out[:, :m]                                                           # [split, M, nw * N] fp32
         permute_first = prepare_for is not None and not prepare_for.natural_k and n % 32 == 0
