@@ -65,11 +65,12 @@ def reference(src: jnp.ndarray, source: str, inter: int = 0, limit: float | None
     return nvfp4_decode.permute_k(row)
 
 
-def build_tile(src, dst, *, source: str, splits: int = 1, split_stride: int = 0, inter: int = 0,
+def load_pairs(src, *, source: str, splits: int = 1, split_stride: int = 0, inter: int = 0,
                limit: float | None = None):
-    """Inside the kernel, one warp (all 32 lanes): write the permuted bf16 row built from src into every row of
-    the SMEM tile dst ([8, 256] bf16, (8, 64)-tiled, 128-byte swizzle), then fence it for wgmma (async proxy) and
-    sync the warp. The caller then arrives on the stage's barrier once.
+    """Inside the kernel, one warp (all 32 lanes): read this lane's 8 columns of the row from global memory and
+    return its four permuted bf16 pairs (int32 scalars, pair j for operand column 32t + 8j + 2q). Nothing here
+    touches the stage's SMEM slot, so the x loader issues it before waiting for the slot to be free: the loads'
+    latency then overlaps the wait.
 
     gather: src is a [256] bf16 slice of global memory. swiglu: src is the [S, 256] fp32 slice of the gate
     partials (split stride `split_stride` elements); up sits `inter` elements after gate. limit: SwiGLU's clamp."""
@@ -77,18 +78,37 @@ def build_tile(src, dst, *, source: str, splits: int = 1, split_stride: int = 0,
 
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    scalar = plgpu.ShapeDtypeStruct((), jnp.int32, layout=plgpu.Layout.WGMMA)
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(transforms=transforms)))
-    def build(ctx, src_ref, dst_ref):
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=(scalar,) * 4)
+    def load(ctx, src_ref):
         del ctx
-        _emit(src_ref, dst_ref, source, splits, split_stride, inter, limit)
+        from jax.experimental.mosaic import gpu as mgpu
+        return tuple(mgpu.FragmentedArray.splat(v, (), is_signed=True)      # scalars cross as 0-d splats
+                     for v in _emit_pairs(src_ref, source, splits, split_stride, inter, limit))
+
+    return load(src)
+
+
+def store_pairs(pairs, dst):
+    """One warp: write the lanes' pairs (`load_pairs`) into every row of the SMEM tile dst ([8, 256] bf16,
+    (8, 64)-tiled, 128-byte swizzle), fence them for wgmma (async proxy) and sync the warp. The caller then
+    arrives on the stage's barrier once."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    splat = plgpu.Layout.WGMMA
+
+    @plgpu.inline_mgpu(arg_types=(splat, splat, splat, splat, plgpu.RefType(transforms=transforms)))
+    def store(ctx, p0, p1, p2, p3, dst_ref):
+        del ctx
+        _emit_store(dst_ref, [p.registers.item() for p in (p0, p1, p2, p3)])
         return None
 
-    build(src, dst)
+    store(*pairs, dst)
 
 
-def _emit(src_ref, dst_ref, source, splits, split_stride, inter, limit):
+def _emit_pairs(src_ref, source, splits, split_stride, inter, limit):
     from jax.experimental.mosaic.gpu import utils
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, llvm
@@ -129,7 +149,19 @@ def _emit(src_ref, dst_ref, source, splits, split_stride, inter, limit):
             e = ptx("ex2.approx.ftz.f32 $0, $1;", arith.mulf(gi, cf(-_LOG2E)), result_types=f32)
             h.append(arith.mulf(arith.divf(gi, arith.addf(cf(1.0), e)), ui))
         pairs = [ptx("cvt.rn.bf16x2.f32 $0, $1, $2;", h[4 + j], h[j], result_types=i32) for j in range(4)]
+    return pairs
 
+
+def _emit_store(dst_ref, pairs):
+    from jax.experimental.mosaic.gpu import utils
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm
+
+    i32 = ir.IntegerType.get_signless(32)
+    c32 = lambda v: arith.constant(i32, ir.IntegerAttr.get(i32, v))
+    ptx = utils.inline_ptx
+    lane = arith.remui(utils.thread_idx(), c32(32))
+    t, q = arith.shrui(lane, c32(2)), arith.andi(lane, c32(3))
     # pair j -> operand column 32t + 8j + 2q: 64-column tile t // 2, chunk 4 (t % 2) + j, byte 4q of the chunk
     dst_base = llvm.ptrtoint(i32, utils.memref_ptr(dst_ref))
     tile_off = arith.muli(arith.shrui(t, c32(1)), c32(1024))

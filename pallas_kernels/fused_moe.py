@@ -16,6 +16,9 @@ HBM round trips (what the hardware allows without a grid-wide barrier between th
    reach HBM).
 3. Kernel (grouped_matmul, "linear"): y = h W2^T per expert, [T*k, D].
 4. XLA: weight each row by its routing weight, un-sort (sorted mode) and sum the k rows of each token (fp32).
+In rows mode with W4A16 weights on the GPU (`IN_KERNEL_ACTIVATIONS`), steps 1 and the split-K sum between 2 and 3
+move into the kernels' x-loader warps (activation_tile.py): the gate/up kernel reads the token's row of x itself,
+the down kernel reads gate/up's fp32 partials and applies SwiGLU itself: three launches per layer instead of five.
 Only the weights of experts that received tokens are read, once per 128-row N tile of the activation rows.
 """
 from __future__ import annotations

@@ -18,7 +18,8 @@ Structure (per CTA, persistent over the SMs; tokamax's sm90 quantized kernel has
   XLA: cheap while x is small, i.e. decode) or relayouts the packed codes first and keeps K in order (prefill);
   `Config.natural_k`, chosen by `default_config`;
 - one memory warpgroup: warp 0 streams W and its scales, warp 1 the activation rows of the group (a power-of-two
-  number of rows, so small groups read little), warp 2 stores the transposed result rows with TMA. Each warp
+  number of rows, so small groups read little; in rows mode it may build the tile itself from global memory,
+  `_Dims.x_source`, with warp 3 sharing the work), warp 2 stores the transposed result rows with TMA. Each warp
   loops over the SM's work units on its own, so the loaders run ahead into the next unit while the compute
   warpgroups finish the current one.
 - work units: (item, 128-row N tile, K part); `Config.split_k` > 1 splits K over several units (decode sizes,
@@ -640,20 +641,23 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                         need = offset + size
 
                         def slot_step(ki, si):
-                            pl.when((ki >= stages) | (carry_mm > 0))(lambda: plgpu.barrier_wait(x_free.at[si]))
                             ks = pl.ds((k_base + ki) * tk, tk)
                             if dims.x_source != "tma":      # rows mode: item = load_start + offset is the row
+                                # the row's values first (global loads), then wait for the slot, then store
                                 row = load_start + offset
                                 if dims.x_source == "gather":
                                     tok = row // dims.rows_per_token if dims.rows_per_token > 1 else row
-                                    activation_tile.build_tile(x_gmem.at[tok, ks], x_smem.at[si], source="gather")
+                                    pairs = activation_tile.load_pairs(x_gmem.at[tok, ks], source="gather")
                                 else:       # partials [S, M', 2K]: gate columns ks, up columns K + ks
                                     splits, rows_p, cols_p = x_gmem.shape
-                                    activation_tile.build_tile(
-                                        x_gmem.at[:, row, ks], x_smem.at[si], source="swiglu", splits=splits,
+                                    pairs = activation_tile.load_pairs(
+                                        x_gmem.at[:, row, ks], source="swiglu", splits=splits,
                                         split_stride=rows_p * cols_p, inter=dims.k, limit=dims.x_limit)
+                                pl.when((ki >= stages) | (carry_mm > 0))(lambda: plgpu.barrier_wait(x_free.at[si]))
+                                activation_tile.store_pairs(pairs, x_smem.at[si])
                                 plgpu.barrier_arrive(x_bar.at[si])
                                 return
+                            pl.when((ki >= stages) | (carry_mm > 0))(lambda: plgpu.barrier_wait(x_free.at[si]))
 
                             def copy(p):
                                 return lambda: plgpu.copy_gmem_to_smem(
