@@ -66,15 +66,14 @@ def reference(src: jnp.ndarray, source: str, inter: int = 0, limit: float | None
 
 
 def load_pairs(src, *, source: str, splits: int = 1, split_stride: int = 0, inter: int = 0,
-               limit: float | None = None, smem: bool = False):
+               limit: float | None = None):
     """Inside the kernel, one warp (all 32 lanes): read this lane's 8 columns of the row from global memory and
     return its four permuted bf16 pairs (int32 scalars, pair j for operand column 32t + 8j + 2q). Nothing here
     touches the stage's SMEM slot, so the x loader issues it before waiting for the slot to be free: the loads'
     latency then overlaps the wait.
 
     gather: src is a [256] bf16 slice of global memory. swiglu: src is the [S, 256] fp32 slice of the gate
-    partials (split stride `split_stride` elements); up sits `inter` elements after gate. limit: SwiGLU's clamp.
-    smem: src is in shared memory (a TMA-staged copy of the partials) instead of global memory."""
+    partials (split stride `split_stride` elements); up sits `inter` elements after gate. limit: SwiGLU's clamp."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     if source not in SOURCES:
@@ -86,7 +85,7 @@ def load_pairs(src, *, source: str, splits: int = 1, split_stride: int = 0, inte
         del ctx
         from jax.experimental.mosaic import gpu as mgpu
         return tuple(mgpu.FragmentedArray.splat(v, (), is_signed=True)      # scalars cross as 0-d splats
-                     for v in _emit_pairs(src_ref, source, splits, split_stride, inter, limit, smem))
+                     for v in _emit_pairs(src_ref, source, splits, split_stride, inter, limit))
 
     return load(src)
 
@@ -109,7 +108,7 @@ def store_pairs(pairs, dst):
     store(*pairs, dst)
 
 
-def _emit_pairs(src_ref, source, splits, split_stride, inter, limit, smem=False):
+def _emit_pairs(src_ref, source, splits, split_stride, inter, limit):
     from jax.experimental.mosaic.gpu import utils
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, llvm
@@ -123,28 +122,19 @@ def _emit_pairs(src_ref, source, splits, split_stride, inter, limit, smem=False)
     lane = arith.remui(utils.thread_idx(), c32(32))
     t, q = arith.shrui(lane, c32(2)), arith.andi(lane, c32(3))
     nat = arith.addi(arith.muli(t, c32(32)), arith.muli(q, c32(8)))          # first natural column of the lane
+    src_base = llvm.ptrtoint(i64, utils.memref_ptr(src_ref))
     elem = 2 if source == "gather" else 4
-    if smem:        # 32-bit shared-window addresses
-        src_addr = arith.addi(llvm.ptrtoint(i32, utils.memref_ptr(src_ref)), arith.muli(nat, c32(elem)))
-        c64, space = c32, "shared"
-    else:
-        src_base = llvm.ptrtoint(i64, utils.memref_ptr(src_ref))
-        src_addr = arith.addi(src_base, arith.muli(arith.extui(i64, nat), c64(elem)))
-        space = "global.nc"
+    src_addr = arith.addi(src_base, arith.muli(arith.extui(i64, nat), c64(elem)))
 
     if source == "gather":
-        w = ptx(f"ld.{space}.v4.u32 {{$0, $1, $2, $3}}, [$4];", src_addr, result_types=[i32] * 4,
-                has_side_effects=smem)
+        w = ptx("ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];", src_addr, result_types=[i32] * 4)
         pairs = [ptx(f"prmt.b32 $0, $1, $2, {sel};", w[lo], w[lo + 2], result_types=i32)
                  for lo, sel in ((0, "0x5410"), (0, "0x7632"), (1, "0x5410"), (1, "0x7632"))]
     else:
         def load8(byte_off):
             a = arith.addi(src_addr, c64(byte_off))
-            # (SMEM: side effects pin the loads between the staging barrier's wait and the slot's release)
-            v = ptx(f"ld.{space}.v4.f32 {{$0, $1, $2, $3}}, [$4];", a, result_types=[f32] * 4,
-                    has_side_effects=smem)
-            v2 = ptx(f"ld.{space}.v4.f32 {{$0, $1, $2, $3}}, [$4];", arith.addi(a, c64(16)),
-                     result_types=[f32] * 4, has_side_effects=smem)
+            v = ptx("ld.global.nc.v4.f32 {$0, $1, $2, $3}, [$4];", a, result_types=[f32] * 4)
+            v2 = ptx("ld.global.nc.v4.f32 {$0, $1, $2, $3}, [$4];", arith.addi(a, c64(16)), result_types=[f32] * 4)
             return list(v) + list(v2)
         loads = [(load8(4 * s * split_stride), load8(4 * (s * split_stride + inter))) for s in range(splits)]
         g, u = loads[0]

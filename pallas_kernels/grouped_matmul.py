@@ -309,7 +309,6 @@ class _Dims:
     x_source: str = "tma"
     rows_per_token: int = 1
     x_limit: float | None = None
-    x_splits: int = 1         # "swiglu": the partials' K split S
 
 
 def _transforms(dtype, swizzle=128):
@@ -376,8 +375,6 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         if dims.prefetch_rows:
             pf_packed, pf_scales, rest = rest[0], rest[1], rest[2:]
         o_gmem, scratch = rest[0], rest[1:]
-        if dims.x_source == "swiglu":      # TMA-staged partials [stage, gate/up, S, 1, 256] and their barriers
-            scratch, (stg_smem, stg_bar, stg_free) = scratch[:-3], scratch[-3:]
 
         def prefetch_next_weight():
             # A warp's lanes each ask L2 for a few rows of the next kernel's weights (fire and forget): the HBM
@@ -633,12 +630,9 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
                     return carry_mm + u["has_mm"].astype(jnp.int32)
 
-                def x_loader(u, carry, role="load"):
-                    """role "load": the activation tile of every K step (TMA, or built from global memory); with
-                    x_source "swiglu" two warps share it: "stage" TMA-loads the step's partials into a staging
-                    slot, "load" builds the tile from there (the loads' latency then hides behind the pipeline,
-                    where building from global memory made the down kernel 1.5-4.8 us slower than TMA at T = 1,
-                    H200, 2026-12-04)."""
+                def x_loader(u, carry, part=None):
+                    """part None: every stage slot; 0 / 1: the even / odd slots (two warps share the "swiglu"
+                    build, whose loads from global memory take longer than a K step)."""
                     carry_mm = carry
                     k_base, load_start, offset, size = u["k_base"], u["load_start"], u["offset"], u["size"]
 
@@ -648,33 +642,22 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
                         def slot_step(ki, si):
                             ks = pl.ds((k_base + ki) * tk, tk)
-                            reuse = (ki >= stages) | (carry_mm > 0)     # not the slot's first use on this SM
                             if dims.x_source != "tma":      # rows mode: item = load_start + offset is the row
+                                # the row's values first (global loads), then wait for the slot, then store
                                 row = load_start + offset
-                                if role == "stage":     # gate and up partials of the step -> staging slot
-                                    pl.when(reuse)(lambda: plgpu.barrier_wait(stg_free.at[si]))
-                                    for h, c0 in enumerate((0, dims.k)):
-                                        plgpu.copy_gmem_to_smem(
-                                            x_gmem.at[:, pl.ds(row, 1), pl.ds((k_base + ki) * tk + c0, tk)],
-                                            stg_smem.at[si, h], stg_bar.at[si])
-                                    return
-                                # the row's values first, then wait for the x slot, then store
                                 if dims.x_source == "gather":
                                     tok = row // dims.rows_per_token if dims.rows_per_token > 1 else row
                                     pairs = activation_tile.load_pairs(x_gmem.at[tok, ks], source="gather")
-                                else:       # from the staged partials [2, S, 1, 256]: gate, then up
-                                    splits = x_gmem.shape[0]
-                                    plgpu.barrier_wait(stg_bar.at[si])
+                                else:       # partials [S, M', 2K]: gate columns ks, up columns K + ks
+                                    splits, rows_p, cols_p = x_gmem.shape
                                     pairs = activation_tile.load_pairs(
-                                        stg_smem.at[si], source="swiglu", splits=splits, split_stride=tk,
-                                        inter=splits * tk, limit=dims.x_limit, smem=True)
-                                pl.when(reuse)(lambda: plgpu.barrier_wait(x_free.at[si]))
+                                        x_gmem.at[:, row, ks], source="swiglu", splits=splits,
+                                        split_stride=rows_p * cols_p, inter=dims.k, limit=dims.x_limit)
+                                pl.when((ki >= stages) | (carry_mm > 0))(lambda: plgpu.barrier_wait(x_free.at[si]))
                                 activation_tile.store_pairs(pairs, x_smem.at[si])
                                 plgpu.barrier_arrive(x_bar.at[si])
-                                if dims.x_source == "swiglu":
-                                    plgpu.barrier_arrive(stg_free.at[si])   # after the stores: the loads are done
                                 return
-                            pl.when(reuse)(lambda: plgpu.barrier_wait(x_free.at[si]))
+                            pl.when((ki >= stages) | (carry_mm > 0))(lambda: plgpu.barrier_wait(x_free.at[si]))
 
                             def copy(p):
                                 return lambda: plgpu.copy_gmem_to_smem(
@@ -688,7 +671,11 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
                         @pl.loop(0, k_iters)
                         def _(ki):
-                            slot_step(ki, lax.rem(ki, stages))
+                            si = lax.rem(ki, stages)
+                            if part is None:
+                                slot_step(ki, si)
+                            else:
+                                pl.when(lax.rem(si, 2) == part)(lambda: slot_step(ki, si))
 
                     return carry_mm + u["has_mm"].astype(jnp.int32)
 
@@ -711,12 +698,14 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
                     return carry
 
-                loaders = [(0, w_loader, w_free), (1, x_loader, x_free)]
-                if dims.x_source == "swiglu":       # warp 3 stages the partials that warp 1 builds tiles from
-                    loaders.append((3, functools.partial(x_loader, role="stage"), stg_free))
-                for wid, loader, bar in loaders:
+                two_x = dims.x_source == "swiglu"       # warps 1 and 3 build the even and odd slots
+                loaders = [(0, w_loader, w_free, None)]
+                loaders += ([(1, functools.partial(x_loader, part=0), x_free, 0),
+                             (3, functools.partial(x_loader, part=1), x_free, 1)] if two_x else
+                            [(1, x_loader, x_free, None)])
+                for wid, loader, bar, part in loaders:
                     @pl.when(warp_id == wid)
-                    def _(loader=loader, bar=bar, wid=wid):
+                    def _(loader=loader, bar=bar, wid=wid, part=part):
                         n_mm = unit_loop(loader, warp=True)
                         if wid == 0:      # this SM's weight loads are all issued
                             prefetch_next_weight()
@@ -724,7 +713,8 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                         @pl.when(n_mm > 0)
                         def _():
                             for st in range(stages):
-                                plgpu.barrier_wait(bar.at[st])
+                                if part is None or st % 2 == part:
+                                    plgpu.barrier_wait(bar.at[st])
 
                 @pl.when(warp_id == 2)
                 def _():
@@ -761,9 +751,6 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         scratch.append(plgpu.SMEM((cwgs, max(nw, unroll), _WG_ROWS, tk), jnp.bfloat16))
     if not dims.rows_mode:
         scratch += [plgpu.SMEM((2 * _table_width(dims.e) // _TABLE_COLS, _TABLE_COLS), jnp.int32), plgpu.Barrier()]
-    if dims.x_source == "swiglu":   # partial-sum staging (gate, up) per stage, TMA-landed and freed barriers
-        scratch += [plgpu.SMEM((stages, 2, dims.x_splits, 1, tk), jnp.float32),
-                    plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_barriers=stages)]
     return kernel, scratch
 
 
@@ -1096,7 +1083,7 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
         pf_rows = prefetch_rows_for(l2_prefetch[0].shape, m)
     dims = _Dims(m=m, k=k, n=n, e=e, num_weights=nw, row_scale_per_row=per_row, out_dtype=out_dtype,
                  n_items=n_items, rows_mode=row_group is not None, split_k=split, prefetch_rows=pf_rows,
-                 x_source=x_source, rows_per_token=rows_per_token, x_splits=x.shape[0] if x_source == "swiglu" else 1,
+                 x_source=x_source, rows_per_token=rows_per_token,
                  x_limit=float(x_limit) if (x_limit is not None and x_limit > 0) else None)
     body, scratch = _build_kernel(dims, cfg, epilogue, swiglu_limit, interpret)
     args = [table, xp, *packs, *scales, *row_scales, *(l2_prefetch if pf_rows else ())]
