@@ -13,8 +13,11 @@ stage's SMEM tile. Two sources:
 
 Each of the 32 lanes owns 8 consecutive natural columns 32t + 8q .. + 7 of the tile's 256 (lane = 4t + q). In
 the permuted order they are the bf16 pairs (j, j + 4) at operand columns 32t + 8j + 2q, j = 0..3: one 32-bit
-`prmt` (or `cvt.rn.bf16x2.f32`) and one `st.shared.b32` per pair. The item's row is written to all 8 rows of the
-tile, so the warp needs no row index (the other rows' wgmma columns are discarded by the storer either way).
+`prmt` (or `cvt.rn.bf16x2.f32`) per pair and one `st.shared.b32` per pair and row. The item's row is written to
+all 8 rows of the tile, so the warp needs no row index (the other rows' wgmma columns are discarded by the storer
+either way). `load_pairs` (global loads and arithmetic) runs before the warp waits for the stage slot to be free,
+`store_pairs` after. For "swiglu" two warps take alternate slots: one warp's loads took longer than a K step of
+the down kernel (H200, benchmarks/RESULTS.md, sixteenth session).
 
 The SMEM tile is [8, 256] bf16, tiled (8, 64) with the 128-byte swizzle that wgmma reads: the 16-byte chunk c of
 row r of 64-column tile ct sits at byte ct * 1024 + r * 128 + (c ^ r) * 16.
