@@ -111,9 +111,10 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
     rs3 = gm.epilogue_row_scale(w3.global_scale, e, inter, w3.input_scale)
     rs2 = gm.epilogue_row_scale(w2.global_scale, e, d, w2.input_scale)
     pf = (w2.packed, w2.block_scale) if (rows_mode and prefetch_down) else None
-    if (IN_KERNEL_ACTIVATIONS and rows_mode and not interpret and w1.input_scale is None
-            and w2.input_scale is None and cfg1.tile_m == cfg2.tile_m == gm.activation_tile.TILE_ROWS
-            and not (cfg1.natural_k or cfg2.natural_k)):
+    in_kernel = (IN_KERNEL_ACTIVATIONS and rows_mode and not interpret and w1.input_scale is None
+                 and w2.input_scale is None and cfg1.tile_m == cfg2.tile_m == gm.activation_tile.TILE_ROWS
+                 and not (cfg1.natural_k or cfg2.natural_k))
+    if in_kernel:
         # gate/up from x's rows (token r // k), its raw output (fp32 partials with a K split, else h) straight
         # into the down kernel
         h = gm._launch(x.astype(jnp.bfloat16), [w1.packed, w3.packed], [w1.block_scale, w3.block_scale],
@@ -123,27 +124,26 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
         src = dict(x_source="swiglu", x_limit=swiglu_limit) if cfg1.split_k > 1 else dict(x_source="gather")
         y = gm._launch(h, [w2.packed], [w2.block_scale], [rs2], None, jnp.dtype(jnp.bfloat16), cfg2, "linear",
                        None, interpret, row_group=row_group, m=m, **src)                       # [M, D]
-        y = y.astype(jnp.float32) * route_w[:, None]
-        return y.reshape(t, k, d).sum(axis=1).astype(out_dtype)
-    if w1.input_scale is not None:      # W4A4: quantize in the natural column order, then prepare
-        g13, m13 = _shared_input_scale(w1, w3)
-        xs = act_quant.quantize_dequantize_grouped(x[token_of_row].astype(jnp.bfloat16), g13, group_sizes,
-                                                   multiplier=m13, gid=gid)
-        xs = gm.prepare_activation(xs, m, cfg1, interpret)
-    else:   # the gather, padding and K permutation of the rows: one launch at decode sizes
-        xs = gm.prepare_activation(x.astype(jnp.bfloat16), m, cfg1, interpret, rows=token_of_row)   # [M', D]
-    # W4A16 down projection: the first launch returns h as the second's operand (padded, permuted).
-    h_ready = w2.input_scale is None
-    h = gm._launch(xs, [w1.packed, w3.packed], [w1.block_scale, w3.block_scale], [rs1, rs3], group_sizes,
-                   jnp.dtype(x.dtype), cfg1, "swiglu", swiglu_limit, interpret, row_group=row_group, m=m,
-                   prepare_for=cfg2 if h_ready else None, l2_prefetch=pf)           # [M, I] or [M', I]
+    else:
+        if w1.input_scale is not None:      # W4A4: quantize in the natural column order, then prepare
+            g13, m13 = _shared_input_scale(w1, w3)
+            xs = act_quant.quantize_dequantize_grouped(x[token_of_row].astype(jnp.bfloat16), g13, group_sizes,
+                                                       multiplier=m13, gid=gid)
+            xs = gm.prepare_activation(xs, m, cfg1, interpret)
+        else:   # the gather, padding and K permutation of the rows: one launch at decode sizes
+            xs = gm.prepare_activation(x.astype(jnp.bfloat16), m, cfg1, interpret, rows=token_of_row)   # [M', D]
+        # W4A16 down projection: the first launch returns h as the second's operand (padded, permuted).
+        h_ready = w2.input_scale is None
+        h = gm._launch(xs, [w1.packed, w3.packed], [w1.block_scale, w3.block_scale], [rs1, rs3], group_sizes,
+                       jnp.dtype(x.dtype), cfg1, "swiglu", swiglu_limit, interpret, row_group=row_group, m=m,
+                       prepare_for=cfg2 if h_ready else None, l2_prefetch=pf)           # [M, I] or [M', I]
 
-    if not h_ready:
-        h = act_quant.quantize_dequantize_grouped(h, w2.input_scale, group_sizes, multiplier=w2.input_multiplier,
-                                                  gid=gid)
-        h = gm.prepare_activation(h, m, cfg2, interpret)
-    y = gm._launch(h, [w2.packed], [w2.block_scale], [rs2], group_sizes, jnp.dtype(jnp.bfloat16),
-                   cfg2, "linear", None, interpret, row_group=row_group, m=m)         # [M, D]
+        if not h_ready:
+            h = act_quant.quantize_dequantize_grouped(h, w2.input_scale, group_sizes,
+                                                      multiplier=w2.input_multiplier, gid=gid)
+            h = gm.prepare_activation(h, m, cfg2, interpret)
+        y = gm._launch(h, [w2.packed], [w2.block_scale], [rs2], group_sizes, jnp.dtype(jnp.bfloat16),
+                       cfg2, "linear", None, interpret, row_group=row_group, m=m)         # [M, D]
     y = y.astype(jnp.float32) * route_w[:, None]
     if not rows_mode:
         inv = jnp.zeros_like(order).at[order].set(jnp.arange(m, dtype=order.dtype))  # order^-1: a scatter

@@ -146,13 +146,13 @@ def test_fused_moe_in_kernel_activations_on_gpu(t, split, limit):
     cfg = None if split is None else gm.Config(tile_m=8, num_stages=4, split_k=split, compute_wgs=4)
 
     def run(in_kernel):
-        fused_moe.IN_KERNEL_ACTIVATIONS = in_kernel
+        prev, fused_moe.IN_KERNEL_ACTIVATIONS = fused_moe.IN_KERNEL_ACTIVATIONS, in_kernel
         try:
             f = jax.jit(lambda *a: fused_moe.moe_experts(*a, limit, config=cfg, rows_mode=True))
             buf = jnp.full((t * k, d), jnp.nan, jnp.bfloat16); buf.block_until_ready(); buf.delete()
             return np.asarray(f(x, w1, w3, w2, idx, tw).astype(jnp.float32))
         finally:
-            fused_moe.IN_KERNEL_ACTIVATIONS = True
+            fused_moe.IN_KERNEL_ACTIVATIONS = prev
 
     out, old = run(True), run(False)
     ref = np.asarray(fused_moe.reference(x, w1, w3, w2, idx, tw, limit, out_dtype=jnp.float32))
