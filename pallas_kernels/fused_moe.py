@@ -113,7 +113,8 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
     pf = (w2.packed, w2.block_scale) if (rows_mode and prefetch_down) else None
     in_kernel = (IN_KERNEL_ACTIVATIONS and rows_mode and not interpret and w1.input_scale is None
                  and w2.input_scale is None and cfg1.tile_m == cfg2.tile_m == gm.activation_tile.TILE_ROWS
-                 and not (cfg1.natural_k or cfg2.natural_k))
+                 and not (cfg1.natural_k or cfg2.natural_k)
+                 and (cfg1.split_k == 1 or cfg2.compute_wgs == 4))   # the SwiGLU build's registers: see _build_kernel
     if in_kernel:
         # gate/up from x's rows (token r // k), its raw output (fp32 partials with a K split, else h) straight
         # into the down kernel
