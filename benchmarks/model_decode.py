@@ -154,16 +154,18 @@ from megamoe_jax.generate import DECODE_CHUNK as _CHUNK_DEFAULT
 
 def _set_variant(variant: str):
     """Select the code variant for the programs traced next (dispatch.sinkhorn and fused_moe read them at trace
-    time). sorted_moe: the routed experts' rows always sorted by expert (no unsorted one-row work items)."""
+    time). sorted_moe: the routed experts' rows always sorted by expert (no unsorted one-row work items); nopdl:
+    the down kernel of the one-row path launched after gate/up ends (fused_moe.PDL off)."""
     from megamoe_jax import generate
     from pallas_kernels import fused_moe
-    if variant not in ("default", "sinkhorn_xla", "sinkhorn_kernel", "sorted_moe", "chunk32"):
+    if variant not in ("default", "sinkhorn_xla", "sinkhorn_kernel", "sorted_moe", "chunk32", "nopdl"):
         raise ValueError(f"unknown variant {variant!r}")
     os.environ.pop("MEGAMOE_SINKHORN_KERNEL", None)
     if variant.startswith("sinkhorn"):
         os.environ["MEGAMOE_SINKHORN_KERNEL"] = "1" if variant == "sinkhorn_kernel" else "0"
     fused_moe.ROWS_MODE_MAX_ROWS = 0 if variant == "sorted_moe" else _ROWS_MODE_DEFAULT
     generate.DECODE_CHUNK = 32 if variant == "chunk32" else _CHUNK_DEFAULT
+    fused_moe.PDL = variant != "nopdl"
     jax.clear_caches()   # the decode loop is jitted on the model: force a fresh trace
 
 
@@ -222,7 +224,7 @@ def main():
     ap.add_argument("--variants", default="default",
                     help="comma list of code variants to time in this process: default, sinkhorn_xla, "
                          "sinkhorn_kernel (the mHC Sinkhorn form forced on every call), sorted_moe (routed rows always "
-                         "sorted by expert), chunk32 (32 decode steps per inner loop instead of 8)")
+                         "sorted by expert), nopdl (fused_moe.PDL off), chunk32 (32 decode steps per inner loop instead of 8)")
     args = ap.parse_args()
     if 0 < args.marginal_steps <= args.steps:
         ap.error(f"--marginal-steps must exceed --steps ({args.steps}), got {args.marginal_steps}")

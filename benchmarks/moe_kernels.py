@@ -11,7 +11,10 @@ importable; at decode sizes also `copy_same_bytes_tbps`, a device copy moving th
 ceiling with launch and ramp-up included; the issue's target is the large copy's rate), fused (the whole
 routed-expert block), actquant (the activation quantizer at 8192 x 4096).
 Times are medians of CUPTI-measured GPU time (all kernels of the call), over several routings so that repeated
-runs do not sit in L2. Out-of-memory and other failures are caught and reported as such. Prints a table and
+runs do not sit in L2. CUPTI's figure is the sum of the kernels' own times, run one after another: it leaves out
+the gaps between launches, and it cannot show kernels that overlap. So the fused block and the decode-sized grouped
+calls also get `span_ms`, from a profiler trace taken after every CUPTI measurement (`gpu_trace.py`): the first
+kernel's start to the last one's end, gaps counted and overlaps (programmatic dependent launch) counted once. Out-of-memory and other failures are caught and reported as such. Prints a table and
 writes results.json.
 """
 from __future__ import annotations
@@ -77,6 +80,11 @@ def measure(f, *argsets, iterations: int = 5) -> float:
     return statistics.median(times)
 
 
+def _launches(f, args):
+    from jax.experimental.mosaic.gpu import profiler
+    return profiler.measure(f, aggregate=False)(*args)[1]
+
+
 def copy_ring(nbytes: float, ring_bytes: float = 256e6):
     """A jitted copy that moves `nbytes` per launch (half read, half written) and its arguments: a ring of distinct
     bf16 buffers, more than L2 in all, copied in sequence in one call. Optimization barriers keep XLA from fusing the
@@ -122,6 +130,30 @@ def safe(fn, *a, **kw):
 # ------------------------------------------------------------------------------------------------------------
 # Sections
 
+# Calls whose span is measured at the end of the run (a profiler trace ends Mosaic GPU's CUPTI measurements in
+# this process): (row to complete, jitted f, argument sets, floor ms or None, bytes moved or None).
+_SPANS: list = []
+
+
+def spans(res):
+    from benchmarks import gpu_trace
+    for row, f, sets, floor_ms, nbytes in _SPANS:
+        try:
+            traced = [gpu_trace.span(f, *args) for args in sets]
+        except Exception as e:  # noqa: BLE001 - reported, the CUPTI figure stands
+            row["span_ms"] = f"error: {str(e)[:160]}"
+            continue
+        row["span_ms"] = statistics.median(sp for sp, _, _ in traced)
+        row["span_activities"] = [(name[:40], round(st, 1), round(du, 1)) for name, st, du in traced[0][2]]
+        if floor_ms:
+            row["span_over_floor"] = row["span_ms"] / floor_ms
+        if nbytes:
+            row["span_tbps"] = nbytes / (row["span_ms"] * 1e-3) / 1e12
+            if "copy_tbps" in res:
+                row["span_of_copy"] = row["span_tbps"] / res["copy_tbps"]
+        print("span", {kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in row.items()}, flush=True)
+
+
 def ceilings(res):
     x = jnp.ones((1 << 30,), jnp.bfloat16)                   # 2 GiB
     f = jax.jit(lambda a: a * 2)
@@ -166,6 +198,7 @@ def grouped(res, tokens, baselines: bool, n_routings: int = 3):
             row["ours_tflops"] = flops / (ms * 1e-3) / 1e12
         if t <= 256:    # decode: the copy ceiling at this size too (the target is the large copy's rate)
             row["copy_same_bytes_tbps"] = safe(copy_at, wbytes + io)
+            _SPANS.append((row, f, [(x, gs, w) for x, gs in sets], None, wbytes + io))
         if baselines:
             if wb is None:
                 wb = jnp.swapaxes(nvfp4.dequantize(w, jnp.bfloat16), 1, 2)      # [E, K, N] bf16, 8.6 GB
@@ -360,11 +393,16 @@ def fused(res, tokens):
         floor_bytes = statistics.median(touched) * per_expert
         row = dict(T=t, experts_touched=statistics.median(touched), weight_bytes=floor_bytes)
         row["ours_ms"] = safe(measure, ours, *sets)
+        if t <= 8:      # the launches of one call (CUPTI, us)
+            row["ours_launches_us"] = safe(lambda: [(name[:40], round(ms * 1e3, 1)) for name, ms in
+                                                    _launches(ours, sets[0])])
         row["xla_dequant_ragged_dot_ms"] = safe(measure, jax.jit(xla_path), *sets) if t <= 2048 else "skipped"
         if isinstance(row["ours_ms"], float) and "copy_tbps" in res:
             floor_ms = floor_bytes / (res["copy_tbps"] * 1e12) * 1e3
             row["floor_ms"] = floor_ms
             row["ours_over_floor"] = row["ours_ms"] / floor_ms
+        if t <= 256:
+            _SPANS.append((row, ours, sets, row.get("floor_ms"), None))
         rows.append(row)
         print("fused", {kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in row.items()}, flush=True)
     res["fused"] = rows
@@ -450,6 +488,7 @@ def main(argv=None):
         fused(res, tokens)
     if "actquant" in sections:
         actquant(res)
+    spans(res)
     os.makedirs(args.out, exist_ok=True)    # a new --out folder (it used to fail here, after the whole run)
     path = os.path.join(args.out, "results.json")
     with open(path + ".tmp", "w") as fh:     # written whole, then renamed: never a half file

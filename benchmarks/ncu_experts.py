@@ -37,7 +37,8 @@ def main():
                          "split), unroll1 (down kernel: one K step per wait), pf_loads / pf_none (rows mode: L2 "
                          "prefetch of the down weights from the gate/up kernel on / off), ablate_decode / ablate_store / "
                          "ablate_both (grouped_matmul.ABLATE: skip the FP4 decode / the output stores; wrong "
-                         "results, timing only)")
+                         "results, timing only), nopdl (fused_moe.PDL off), cfg:F=V;... (both kernels' configs), "
+                         "down:F=V;... (the down kernel's only)")
     ap.add_argument("--chain", type=int, default=0,
                     help="with --time: also time CHAIN calls in one program, each on other experts (a decode "
                          "step's layers: every call's weights are cold in L2), output fed to the next call")
@@ -91,12 +92,21 @@ def _set_variant(variant):
     SwiGLU kernel's pipelined K loop, Config.overlap_mma); nosplit (Config.split_k = 1); unroll1 (k_unroll = 1);
     wg2 / wg4 (Config.compute_wgs); wg4_nosplit (four compute warpgroups, no K split); split2x (twice the
     default K split where it is > 1); pf_loads / pf_none (fused_moe.PREFETCH_DOWN on / off); xla_prep (rows mode
-    with the activations prepared by XLA launches, fused_moe.IN_KERNEL_ACTIVATIONS off)."""
-    if variant not in ("default", "sorted", "rows16", "xla_prep", *_PREFETCH_VARIANTS, *_CONFIG_VARIANTS, *_ABLATE_VARIANTS) \
-            and not variant.startswith("cfg:"):
+    with the activations prepared by XLA launches, fused_moe.IN_KERNEL_ACTIVATIONS off); nopdl (fused_moe.PDL
+    off: the down kernel launches after gate/up has ended)."""
+    if variant not in ("default", "sorted", "rows16", "xla_prep", "nopdl", *_PREFETCH_VARIANTS, *_CONFIG_VARIANTS, *_ABLATE_VARIANTS) \
+            and not variant.startswith(("cfg:", "down:")):
         raise ValueError(f"unknown variant {variant!r}")
+    # down:FIELD=V;...: fields of the one-weight (down) kernel's default config only
+    down_change = _config_fields(variant[5:]) if variant.startswith("down:") else None
+
+    def default_config(m, groups, num_weights=1, **kw):
+        cfg = _DEFAULT_CONFIG(m, groups, num_weights, **kw)
+        return dataclasses.replace(cfg, **down_change) if (down_change and num_weights == 1) else cfg
+    gm.default_config = default_config
     gm.ABLATE = _ABLATE_VARIANTS.get(variant, frozenset())
     fused_moe.IN_KERNEL_ACTIVATIONS = variant != "xla_prep"
+    fused_moe.PDL = _DEFAULTS[4] and variant != "nopdl"
     fused_moe.PREFETCH_DOWN = _PREFETCH_VARIANTS.get(variant, _DEFAULTS[3])
     fused_moe.ROWS_MODE_MAX_ROWS = 0 if variant == "sorted" else _DEFAULTS[0]
     fused_moe.ROWS_TILE_M = 16 if variant == "rows16" else _DEFAULTS[1]
@@ -108,21 +118,28 @@ def _set_variant(variant):
     fused_moe._rows_tile = changed if change else _DEFAULTS[2]
 
 
-_DEFAULTS = (fused_moe.ROWS_MODE_MAX_ROWS, fused_moe.ROWS_TILE_M, fused_moe._rows_tile, fused_moe.PREFETCH_DOWN)
+_DEFAULTS = (fused_moe.ROWS_MODE_MAX_ROWS, fused_moe.ROWS_TILE_M, fused_moe._rows_tile, fused_moe.PREFETCH_DOWN,
+             fused_moe.PDL)
+_DEFAULT_CONFIG = gm.default_config
 _PREFETCH_VARIANTS = {"pf_none": False, "pf_loads": True}
 _ABLATE_VARIANTS = {"ablate_decode": frozenset({"decode"}), "ablate_store": frozenset({"store"}),
                     "ablate_both": frozenset({"decode", "store"})}
 
 
-def time_tokens(tokens, copy_tb_s, variants=("default",), chain=0):
+def time_tokens(tokens, copy_tb_s, variants=("default",), chain=0, span_rounds=3):
     import statistics
     from jax.experimental.mosaic.gpu import profiler
     e, d, i, k = 256, 4096, 2048, 6
     keys = jax.random.split(jax.random.key(0), 4)
     w1, w3, w2 = (random_nvfp4(keys[0], (e, i, d)), random_nvfp4(keys[1], (e, i, d)),
                   random_nvfp4(keys[2], (e, d, i)))
-    print("| variant | T | experts | call ms | kernels ms (gate/up, down) | floor ms | call / floor |")
-    print("|---|---|---|---|---|---|---|")
+    from benchmarks import gpu_trace
+    print("call ms: CUPTI, the sum of the call's kernel times; span ms: first kernel start to last kernel end "
+          "(profiler trace: launch gaps counted, overlaps counted once)")
+    print("| variant | T | experts | call ms | span ms | kernels ms (gate/up, down) | floor ms | call / floor | "
+          "span / floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for variant, t in [(v, t) for t in tokens for v in variants]:
         _set_variant(variant)
         f = jax.jit(lambda x, a, b, c, idx, w: fused_moe.moe_experts(x, a, b, c, idx, w, 10.0))
@@ -140,13 +157,35 @@ def time_tokens(tokens, copy_tb_s, variants=("default",), chain=0):
               flush=True)
         floor = touched * 3 * d * i * 0.5625 / (copy_tb_s * 1e12) * 1e3
         call = statistics.median(calls)
-        print(f"| {variant} | {t} | {touched} | {call:.4f} | {', '.join(f'{v:.4f}' for v in ks)} | {floor:.4f} | "
-              f"{call / floor:.2f}x |", flush=True)
+        rows.append((variant, t, touched, call, ks, floor, f, args))
+        print(f"| {variant} | {t} | {touched} | {call:.4f} | (below) | {', '.join(f'{v:.4f}' for v in ks)} | "
+              f"{floor:.4f} | {call / floor:.3f}x | |", flush=True)
         if chain:
             c_call, c_ks, c_touched = time_chain(t, chain, (w1, w3, w2), x)
             c_floor = c_touched * 3 * d * i * 0.5625 / (copy_tb_s * 1e12) * 1e3
-            print(f"| {variant} chain{chain} | {t} | {c_touched:g} | {c_call:.4f} | "
-                  f"{', '.join(f'{v:.4f}' for v in c_ks)} | {c_floor:.4f} | {c_call / c_floor:.2f}x |", flush=True)
+            print(f"| {variant} chain{chain} | {t} | {c_touched:g} | {c_call:.4f} | | "
+                  f"{', '.join(f'{v:.4f}' for v in c_ks)} | {c_floor:.4f} | {c_call / c_floor:.2f}x | |", flush=True)
+    # The traces last: after jax.profiler.trace, Mosaic GPU's CUPTI measurement fails in this process. Mosaic's
+    # CUPTI records serialise the kernels (an early-launched kernel does not overlap there); the trace's do not.
+    print("\nspans (profiler trace, rounds of 9 calls, variants interleaved; median of the rounds' medians):")
+    spans = {i: [] for i in range(len(rows))}
+    for _ in range(span_rounds):
+        for i, (variant, *_rest) in enumerate(rows):
+            _set_variant(variant)
+            try:
+                sp, _, acts = gpu_trace.span(rows[i][6], *rows[i][7])
+            except Exception as err:  # noqa: BLE001 - the CUPTI figures stand without the trace
+                print(f"  trace failed: {str(err)[:300]}", flush=True)
+                continue
+            spans[i].append(sp)
+            print(f"  {variant} T={rows[i][1]}: span {sp * 1e3:.1f} us: " +
+                  ", ".join(f"{name[:20]} @{st:.1f} +{du:.1f}" for name, st, du in acts), flush=True)
+    print("| variant | T | experts | call ms (CUPTI) | span ms | floor ms | span / floor |")
+    print("|---|---|---|---|---|---|---|")
+    for i, (variant, t, touched, call, ks, floor, _f, _a) in enumerate(rows):
+        sp = statistics.median(spans[i]) if spans[i] else float("nan")
+        print(f"| {variant} | {t} | {touched} | {call:.4f} | {sp:.4f} | {floor:.4f} | {sp / floor:.3f}x |",
+              flush=True)
 
 
 def time_down_l2(calls=8, e=256, d=4096, i=2048, k=6):

@@ -69,6 +69,10 @@ PREFETCH_DOWN = False
 # kernel adds gate/up's split-K partials and applies SwiGLU. The two XLA launches around the gate/up kernel
 # (activation prep; split-K sum + SwiGLU + permutation) disappear: three launches per layer instead of five.
 IN_KERNEL_ACTIVATIONS = True
+# With IN_KERNEL_ACTIVATIONS: the down kernel is launched with programmatic dependent launch (grouped_matmul
+# `_Dims.pdl_wait`): its CTAs take each SM as soon as the gate/up kernel's CTA there exits and start streaming the
+# down weights; only the activation build waits for gate/up to complete.
+PDL = True
 
 
 def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.Array,
@@ -116,15 +120,20 @@ def moe_experts(x: jax.Array, w1, w3, w2, topk_idx: jax.Array, topk_weight: jax.
                  and not (cfg1.natural_k or cfg2.natural_k)
                  and (cfg1.split_k == 1 or cfg2.compute_wgs == 4))   # the SwiGLU build's registers: see _build_kernel
     if in_kernel:
+        xb, w2p, w2s = x.astype(jnp.bfloat16), w2.packed, w2.block_scale
+        if PDL:
+            # The down kernel's weight loader reads w2 and row_group before gate/up has finished: have XLA compute
+            # them before gate/up starts (the barrier's outputs are ready together; gate/up consumes one of them).
+            xb, w2p, w2s, row_group = jax.lax.optimization_barrier((xb, w2p, w2s, row_group))
         # gate/up from x's rows (token r // k), its raw output (fp32 partials with a K split, else h) straight
         # into the down kernel
-        h = gm._launch(x.astype(jnp.bfloat16), [w1.packed, w3.packed], [w1.block_scale, w3.block_scale],
+        h = gm._launch(xb, [w1.packed, w3.packed], [w1.block_scale, w3.block_scale],
                        [rs1, rs3], None, jnp.dtype(jnp.bfloat16), cfg1, "swiglu", swiglu_limit, interpret,
                        row_group=row_group, m=m, l2_prefetch=pf, x_source="gather", rows_per_token=k,
-                       raw_output=True)
+                       raw_output=True, pdl_trigger=PDL)
         src = dict(x_source="swiglu", x_limit=swiglu_limit) if cfg1.split_k > 1 else dict(x_source="gather")
-        y = gm._launch(h, [w2.packed], [w2.block_scale], [rs2], None, jnp.dtype(jnp.bfloat16), cfg2, "linear",
-                       None, interpret, row_group=row_group, m=m, **src)                       # [M, D]
+        y = gm._launch(h, [w2p], [w2s], [rs2], None, jnp.dtype(jnp.bfloat16), cfg2, "linear",
+                       None, interpret, row_group=row_group, m=m, pdl_wait=PDL, **src)         # [M, D]
     else:
         if w1.input_scale is not None:      # W4A4: quantize in the natural column order, then prepare
             g13, m13 = _shared_input_scale(w1, w3)

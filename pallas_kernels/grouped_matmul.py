@@ -309,6 +309,14 @@ class _Dims:
     x_source: str = "tma"
     rows_per_token: int = 1
     x_limit: float | None = None
+    # Programmatic dependent launch (sm90; GPU only). pdl_trigger: every CTA lets the next kernel in the stream
+    # launch as soon as it starts (`griddepcontrol.launch_dependents`): that kernel's CTAs then take each SM as
+    # this kernel's CTA there exits, instead of waiting for the whole grid and a launch. pdl_wait: this kernel may
+    # be launched before the previous one has finished; every warp but the weight loader first waits for the
+    # previous kernels to complete (`griddepcontrol.wait`). The weight loader streams the weights and reads the
+    # row table at once, so the caller must make sure that those were ready before the previous kernel started.
+    pdl_trigger: bool = False
+    pdl_wait: bool = False
 
 
 def _transforms(dtype, swizzle=128):
@@ -367,7 +375,12 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
     released = {ki + d for ki in range(k_iters) for d in release_at.values() if 0 <= ki + d < k_iters}
     release_after = [st for st in range(k_iters) if st not in released]
 
+    pdl_wait = dims.pdl_wait and not interpret
+    pdl_wait_if = (lambda: plgpu.griddepcontrol_wait()) if pdl_wait else (lambda: None)
+
     def kernel(table_gmem, x_gmem, *refs):
+        if dims.pdl_trigger and not interpret:
+            plgpu.griddepcontrol_launch_dependents()
         w_gmems = refs[0:nw]
         s_gmems = refs[nw:2 * nw]
         rs_gmems = refs[2 * nw:3 * nw]
@@ -583,6 +596,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         @pl.when(wg < cwgs)
         def _compute_wgs():
             plgpu.set_max_registers(compute_regs, action="increase")    # once, before the loop (it synchronises)
+            pdl_wait_if()       # the row scales and everything after them: the previous kernels' results
             if not dims.rows_mode:
                 plgpu.barrier_wait(t_bar)
             n_all = unit_loop(compute_body)
@@ -706,6 +720,8 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 for wid, loader, bar, part in loaders:
                     @pl.when(warp_id == wid)
                     def _(loader=loader, bar=bar, wid=wid, part=part):
+                        if wid != 0:        # the activation: the previous kernel's output
+                            pdl_wait_if()
                         n_mm = unit_loop(loader, warp=True)
                         if wid == 0:      # this SM's weight loads are all issued
                             prefetch_next_weight()
@@ -718,6 +734,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
                 @pl.when(warp_id == 2)
                 def _():
+                    pdl_wait_if()           # its output buffer may be one the previous kernels still read
                     unit_loop(storer, warp=True)
 
             if not dims.rows_mode:
@@ -1022,7 +1039,7 @@ def prepare_activation(x: jax.Array, m: int, cfg: Config, interpret: bool = Fals
 def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, epilogue, swiglu_limit,
             interpret, row_group=None, *, m: int | None = None, prepare_for: Config | None = None,
             l2_prefetch=None, x_source: str = "tma", rows_per_token: int = 1, x_limit: float | None = None,
-            raw_output: bool = False):
+            raw_output: bool = False, pdl_trigger: bool = False, pdl_wait: bool = False):
     """Run the kernel: x [M, K] (natural column order), 1 or 2 NVFP4 weights [E, N, K] -> [M, N].
 
     Rows sorted by group (`group_sizes`), or, with row_group [M] given, in any order: one work item per row (rows
@@ -1038,7 +1055,9 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
     rows_per_token] (m given); "swiglu": x is a two-weight kernel's raw partials [S, M', 2K] (`raw_output`) and
     row r is swiglu(sum_s gate, sum_s up) with clamp x_limit. The x-loader warp builds each tile itself
     (activation_tile.py): no preparation launch. raw_output: return the kernel's output as it wrote it: with a K
-    split the fp32 partials [split, M', nw * N] (epilogue not applied), else [M', N] (rows past m unwritten)."""
+    split the fp32 partials [split, M', nw * N] (epilogue not applied), else [M', N] (rows past m unwritten).
+    pdl_trigger / pdl_wait: programmatic dependent launch (`_Dims`); with pdl_wait the caller guarantees that the
+    weights and row_group (or group_sizes) were computed before the previous kernel in the stream started."""
     e, n, _ = packs[0].shape
     tm = cfg.tile_m
     k = packs[0].shape[2] * 2
@@ -1076,6 +1095,9 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
     split, nw = cfg.split_k, len(packs)
     if (k // _TILE_K) % split:
         raise ValueError(f"split_k={split} must divide the {k // _TILE_K} K steps of K={k}")
+    if pdl_wait and row_group is None:
+        raise ValueError("pdl_wait needs rows mode (row_group): the item table of sorted rows is computed right "
+                         "before the kernel, and its weight loader would read it before the wait")
     pf_rows = 0
     if l2_prefetch is not None:
         if row_group is None:
@@ -1084,7 +1106,8 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
     dims = _Dims(m=m, k=k, n=n, e=e, num_weights=nw, row_scale_per_row=per_row, out_dtype=out_dtype,
                  n_items=n_items, rows_mode=row_group is not None, split_k=split, prefetch_rows=pf_rows,
                  x_source=x_source, rows_per_token=rows_per_token,
-                 x_limit=float(x_limit) if (x_limit is not None and x_limit > 0) else None)
+                 x_limit=float(x_limit) if (x_limit is not None and x_limit > 0) else None,
+                 pdl_trigger=pdl_trigger, pdl_wait=pdl_wait)
     body, scratch = _build_kernel(dims, cfg, epilogue, swiglu_limit, interpret)
     args = [table, xp, *packs, *scales, *row_scales, *(l2_prefetch if pf_rows else ())]
     out_type = (jax.ShapeDtypeStruct((split, mp, nw * n), jnp.float32) if split > 1 else

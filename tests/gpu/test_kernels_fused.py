@@ -162,3 +162,38 @@ def test_fused_moe_in_kernel_activations_on_gpu(t, split, limit):
         np.testing.assert_array_equal(out, old)
     else:               # ex2.approx against XLA's exp: close (bit for bit at T = 1 on an H200, 2026-12-04)
         assert np.abs(out - old).max() <= 2.0 ** -7 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("t", [1, 2])
+def test_fused_moe_pdl_matches_serial_launch_on_gpu(t):
+    """The down kernel launched early (fused_moe.PDL: programmatic dependent launch) gives the output of the serial
+    launch bit for bit, also when its weights are computed inside the same jit (from x, so that XLA cannot hoist
+    them): the barrier in moe_experts must have them ready before the gate/up kernel starts, since the early
+    weight loader reads them before it waits. Three layers in a row, each one's output the next one's input."""
+    from megamoe_jax.quant.nvfp4 import NVFP4Tensor
+    e, d, i, k = 64, 4096, 2048, 6
+    w1, w3, w2 = _experts(jax.random.PRNGKey(50 + t), e, d, i, False)
+    rng = np.random.default_rng(50 + t)
+    idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]), jnp.int32)
+    tw = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(11), (t, k)), -1)
+    x = (3 * jax.random.normal(jax.random.PRNGKey(12), (t, d))).astype(jnp.bfloat16)
+
+    def layers(x, w1, w3, w2, idx, tw):
+        for layer in range(3):
+            # a fresh down weight per layer, from the running x: flips code bits (values stay finite)
+            flip = (jnp.abs(x[0, layer]).astype(jnp.float32) > -1).astype(jnp.uint8) * jnp.uint8(0x11 * (layer + 1))
+            w2l = NVFP4Tensor(w2.packed ^ flip, w2.block_scale, w2.global_scale)
+            x = fused_moe.moe_experts(x, w1, w3, w2l, idx, tw, 7.0, rows_mode=True).astype(jnp.bfloat16)
+        return x
+
+    def run(pdl):
+        prev, fused_moe.PDL = fused_moe.PDL, pdl
+        try:
+            buf = jnp.full((t * k, d), jnp.nan, jnp.bfloat16); buf.block_until_ready(); buf.delete()
+            return np.asarray(jax.jit(layers)(x, w1, w3, w2, idx, tw).astype(jnp.float32))
+        finally:
+            fused_moe.PDL = prev
+
+    early, serial = run(True), run(False)
+    assert np.isfinite(early).all() and np.abs(early).max() > 0
+    np.testing.assert_array_equal(early, serial)

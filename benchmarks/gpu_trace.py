@@ -1,0 +1,70 @@
+"""Wall time of one jitted call on the GPU, from a profiler trace: first kernel start to last kernel end.
+
+CUPTI's per-kernel durations (`jax.experimental.mosaic.gpu.profiler.measure`, what the other tables report) sum the
+kernels' own times: they leave out the gaps between launches, and they count twice any time in which two kernels
+overlap (a kernel launched early with programmatic dependent launch, PDL, starts while the one before it drains).
+The span of a call counts every gap and every overlap once: it is the time the call holds the GPU.
+
+`span(f, *args)` traces `iterations` calls (each waited for, with a pause in between, so that calls separate),
+reads the trace's GPU plane (`jax.profiler.ProfileData`) and returns the median span, the median sum of the
+activities' durations, and one call's activities (name, start offset, duration; memsets and copies included).
+"""
+from __future__ import annotations
+
+import glob
+import statistics
+import tempfile
+import time
+
+import jax
+
+
+def _gpu_events(path: str):
+    """(name, start_ns, duration_ns) of every activity on the GPU planes' stream lines."""
+    from jax.profiler import ProfileData
+    data = ProfileData.from_file(path)
+    events = []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            # Stream lines hold the activities; "XLA Modules" / "XLA Ops" / "Steps" lines are derived from them.
+            if not line.name.startswith("Stream"):
+                continue
+            events += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
+    return sorted(events, key=lambda e: e[1])
+
+
+def span(f, *args, iterations: int = 9, pause_s: float = 0.003):
+    """Median span (ms), median summed duration (ms) and one call's [(name, start_us, dur_us)] of f(*args)."""
+    jax.block_until_ready(f(*args))              # compile and warm up outside the trace
+    out_dir = tempfile.mkdtemp(prefix="megamoe_trace_")
+    with jax.profiler.trace(out_dir):
+        for _ in range(iterations):
+            jax.block_until_ready(f(*args))
+            time.sleep(pause_s)
+    paths = glob.glob(out_dir + "/**/*.xplane.pb", recursive=True)
+    if not paths:
+        raise RuntimeError(f"no trace written under {out_dir}")
+    events = _gpu_events(paths[0])
+    if not events:
+        raise RuntimeError(f"the trace {paths[0]} has no GPU stream activities")
+    # Split into calls at the host pauses (gaps far longer than any gap inside a call).
+    gap_ns = pause_s * 1e9 / 2
+    calls, cur = [], [events[0]]
+    for ev in events[1:]:
+        last_end = max(s + d for _, s, d in cur)
+        if ev[1] - last_end > gap_ns:
+            calls.append(cur)
+            cur = []
+        cur.append(ev)
+    calls.append(cur)
+    if len(calls) != iterations or len({len(c) for c in calls}) != 1:
+        raise RuntimeError(f"could not split the trace into {iterations} equal calls: activity counts "
+                           f"{[len(c) for c in calls]}")
+    spans = [(max(s + d for _, s, d in c) - c[0][1]) / 1e6 for c in calls]
+    sums = [sum(d for _, _, d in c) / 1e6 for c in calls]
+    mid = calls[len(calls) // 2]
+    one = [(name, (s - mid[0][1]) / 1e3, d / 1e3) for name, s, d in mid]
+    return statistics.median(spans), statistics.median(sums), one
+
