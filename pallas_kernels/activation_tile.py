@@ -13,9 +13,12 @@ stage's SMEM tile. Two sources:
 
 Each of the 32 lanes owns 8 consecutive natural columns 32t + 8q .. + 7 of the tile's 256 (lane = 4t + q). In
 the permuted order they are the bf16 pairs (j, j + 4) at operand columns 32t + 8j + 2q, j = 0..3: one 32-bit
-`prmt` (or `cvt.rn.bf16x2.f32`) per pair and one `st.shared.b32` per pair and row. The item's row is written to
-all 8 rows of the tile, so the warp needs no row index (the other rows' wgmma columns are discarded by the storer
-either way). `load_pairs` (global loads and arithmetic) runs before the warp waits for the stage slot to be free,
+`prmt` (or `cvt.rn.bf16x2.f32`) per pair and one `st.shared.b32` per pair. Only the item's row of the tile is
+written (its row in the 8-row TMA box, item % 8): the other rows hold whatever the slot held before, and their
+wgmma columns are garbage that the storer never stores (it stores the item's row only). Writing all 8 rows cost
+32 stores and their address arithmetic per lane and step, more instructions than the loads and the SwiGLU; one
+row took the routed-expert block at T = 1 from 37.3 to 35.8 us (H200, benchmarks/RESULTS.md, seventeenth session).
+`load_pairs` (global loads and arithmetic) runs before the warp waits for the stage slot to be free,
 `store_pairs` after. For "swiglu" two warps take alternate slots: one warp's loads took longer than a K step of
 the down kernel (H200, benchmarks/RESULTS.md, sixteenth session).
 
@@ -93,22 +96,22 @@ def load_pairs(src, *, source: str, splits: int = 1, split_stride: int = 0, inte
     return load(src)
 
 
-def store_pairs(pairs, dst):
-    """One warp: write the lanes' pairs (`load_pairs`) into every row of the SMEM tile dst ([8, 256] bf16,
-    (8, 64)-tiled, 128-byte swizzle), fence them for wgmma (async proxy) and sync the warp. The caller then
-    arrives on the stage's barrier once."""
+def store_pairs(pairs, dst, row):
+    """One warp: write the lanes' pairs (`load_pairs`) into row `row` (int32 scalar in [0, 8)) of the SMEM tile dst
+    ([8, 256] bf16, (8, 64)-tiled, 128-byte swizzle), fence them for wgmma (async proxy) and sync the warp. The
+    caller then arrives on the stage's barrier once."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     splat = plgpu.Layout.WGMMA
 
-    @plgpu.inline_mgpu(arg_types=(splat, splat, splat, splat, plgpu.RefType(transforms=transforms)))
-    def store(ctx, p0, p1, p2, p3, dst_ref):
+    @plgpu.inline_mgpu(arg_types=(splat, splat, splat, splat, splat, plgpu.RefType(transforms=transforms)))
+    def store(ctx, p0, p1, p2, p3, r, dst_ref):
         del ctx
-        _emit_store(dst_ref, [p.registers.item() for p in (p0, p1, p2, p3)])
+        _emit_store(dst_ref, [p.registers.item() for p in (p0, p1, p2, p3)], r.registers.item())
         return None
 
-    store(*pairs, dst)
+    store(*pairs, row, dst)
 
 
 def _emit_pairs(src_ref, source, splits, split_stride, inter, limit):
@@ -155,7 +158,7 @@ def _emit_pairs(src_ref, source, splits, split_stride, inter, limit):
     return pairs
 
 
-def _emit_store(dst_ref, pairs):
+def _emit_store(dst_ref, pairs, row):
     from jax.experimental.mosaic.gpu import utils
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, llvm
@@ -169,11 +172,12 @@ def _emit_store(dst_ref, pairs):
     dst_base = llvm.ptrtoint(i32, utils.memref_ptr(dst_ref))
     tile_off = arith.muli(arith.shrui(t, c32(1)), c32(1024))
     chunk0 = arith.muli(arith.andi(t, c32(1)), c32(4))
-    lane_off = arith.addi(arith.addi(dst_base, tile_off), arith.muli(q, c32(4)))
-    for r in range(TILE_ROWS):
-        for j, pair in enumerate(pairs):
-            chunk = arith.xori(arith.addi(chunk0, c32(j)), c32(r))
-            addr = arith.addi(arith.addi(lane_off, c32(r * 128)), arith.muli(chunk, c32(16)))
-            ptx("st.shared.b32 [$0], $1;", addr, pair)
+    row = arith.andi(row, c32(TILE_ROWS - 1))
+    lane_off = arith.addi(arith.addi(arith.addi(dst_base, tile_off), arith.muli(q, c32(4))),
+                          arith.muli(row, c32(128)))
+    for j, pair in enumerate(pairs):
+        chunk = arith.xori(arith.addi(chunk0, c32(j)), row)
+        addr = arith.addi(lane_off, arith.muli(chunk, c32(16)))
+        ptx("st.shared.b32 [$0], $1;", addr, pair)
     ptx("fence.proxy.async.shared::cta;")
     ptx("bar.warp.sync 0xffffffff;", convergent=True)

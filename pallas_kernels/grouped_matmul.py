@@ -668,7 +668,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                                         x_gmem.at[:, row, ks], source="swiglu", splits=splits,
                                         split_stride=rows_p * cols_p, inter=dims.k, limit=dims.x_limit)
                                 pl.when((ki >= stages) | (carry_mm > 0))(lambda: plgpu.barrier_wait(x_free.at[si]))
-                                activation_tile.store_pairs(pairs, x_smem.at[si])
+                                activation_tile.store_pairs(pairs, x_smem.at[si], offset)
                                 plgpu.barrier_arrive(x_bar.at[si])
                                 return
                             pl.when((ki >= stages) | (carry_mm > 0))(lambda: plgpu.barrier_wait(x_free.at[si]))

@@ -167,9 +167,11 @@ def test_fused_moe_in_kernel_activations_on_gpu(t, split, limit):
 @pytest.mark.parametrize("t", [1, 2])
 def test_fused_moe_pdl_matches_serial_launch_on_gpu(t):
     """The down kernel launched early (fused_moe.PDL: programmatic dependent launch) gives the output of the serial
-    launch bit for bit, also when its weights are computed inside the same jit (from x, so that XLA cannot hoist
-    them): the barrier in moe_experts must have them ready before the gate/up kernel starts, since the early
-    weight loader reads them before it waits. Three layers in a row, each one's output the next one's input."""
+    launch bit for bit: its activation build and its stores wait for gate/up. Three layers in a row, each one's
+    output the next one's input, with each layer's down weight computed inside the jit from the running x (the
+    early weight loader reads it before it waits: moe_experts' barrier has it computed before gate/up starts).
+    With the barrier removed this test still passed on an H200 (2026-12-04): XLA had scheduled the weight
+    computation early anyway, so it checks the launch, not the barrier."""
     from megamoe_jax.quant.nvfp4 import NVFP4Tensor
     e, d, i, k = 64, 4096, 2048, 6
     w1, w3, w2 = _experts(jax.random.PRNGKey(50 + t), e, d, i, False)
