@@ -19,6 +19,8 @@ HBM round trips (what the hardware allows without a grid-wide barrier between th
 In rows mode with W4A16 weights on the GPU (`IN_KERNEL_ACTIVATIONS`), steps 1 and the split-K sum between 2 and 3
 move into the kernels' x-loader warps (activation_tile.py): the gate/up kernel reads the token's row of x itself,
 the down kernel reads gate/up's fp32 partials and applies SwiGLU itself: three launches per layer instead of five.
+There the down kernel is also launched early (`PDL`, programmatic dependent launch): it streams its first weight
+tiles on each SM as soon as gate/up's CTA there has exited, and builds its activations once gate/up has completed.
 Only the weights of experts that received tokens are read, once per 128-row N tile of the activation rows.
 """
 from __future__ import annotations
@@ -71,7 +73,9 @@ PREFETCH_DOWN = False
 IN_KERNEL_ACTIVATIONS = True
 # With IN_KERNEL_ACTIVATIONS: the down kernel is launched with programmatic dependent launch (grouped_matmul
 # `_Dims.pdl_wait`): its CTAs take each SM as soon as the gate/up kernel's CTA there exits and start streaming the
-# down weights; only the activation build waits for gate/up to complete.
+# down weights; only the activation build (and the stores) wait for gate/up to complete. H200, T = 1: the block's
+# span 37.2 us against 40.5 launched serially (benchmarks/RESULTS.md, seventeenth session). CUPTI's kernel times
+# serialise the kernels and do not show the gain; a profiler trace's span does (benchmarks/gpu_trace.py).
 PDL = True
 
 

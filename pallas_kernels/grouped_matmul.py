@@ -21,7 +21,8 @@ Structure (per CTA, persistent over the SMs; tokamax's sm90 quantized kernel has
   number of rows, so small groups read little; in rows mode it may build the tile itself from global memory,
   `_Dims.x_source`, with warp 3 sharing the work), warp 2 stores the transposed result rows with TMA. Each warp
   loops over the SM's work units on its own, so the loaders run ahead into the next unit while the compute
-  warpgroups finish the current one.
+  warpgroups finish the current one. With programmatic dependent launch (`_Dims.pdl_wait`, rows mode) the weight
+  loader starts streaming while the previous kernel still runs; every other warp first waits for it to complete.
 - work units: (item, 128-row N tile, K part); `Config.split_k` > 1 splits K over several units (decode sizes,
   to balance the SMs) and the kernel then writes fp32 partial sums that XLA adds.
 - Work items (group, rows): one XLA launch turns `group_sizes` into a table of prefix sums (`item_table`); every
