@@ -49,19 +49,32 @@ def span(f, *args, iterations: int = 9, pause_s: float = 0.003):
     events = _gpu_events(paths[0])
     if not events:
         raise RuntimeError(f"the trace {paths[0]} has no GPU stream activities")
-    # Split into calls at the host pauses (gaps far longer than any gap inside a call).
-    gap_ns = pause_s * 1e9 / 2
-    calls, cur = [], [events[0]]
+    return summarize(split_calls(events, iterations, gap_ns=pause_s * 1e9 / 2))
+
+
+def split_calls(events, iterations: int, gap_ns: float):
+    """Group (name, start_ns, duration_ns) activities, sorted by start, into calls: a new call starts where an
+    activity begins more than gap_ns after every earlier one has ended (the host's pause between calls; gaps inside
+    a call are far shorter). Every call must have the same number of activities."""
+    if not events:
+        raise RuntimeError("no activities to split")
+    calls, cur, last_end = [], [events[0]], events[0][1] + events[0][2]
     for ev in events[1:]:
-        last_end = max(s + d for _, s, d in cur)
         if ev[1] - last_end > gap_ns:
             calls.append(cur)
             cur = []
         cur.append(ev)
+        last_end = max(last_end, ev[1] + ev[2])
     calls.append(cur)
     if len(calls) != iterations or len({len(c) for c in calls}) != 1:
         raise RuntimeError(f"could not split the trace into {iterations} equal calls: activity counts "
                            f"{[len(c) for c in calls]}")
+    return calls
+
+
+def summarize(calls):
+    """Median span (ms: first start to last end, overlaps once), median summed duration (ms, overlaps twice) and
+    the median-position call's activities as (name, start_us from the call's start, duration_us)."""
     spans = [(max(s + d for _, s, d in c) - c[0][1]) / 1e6 for c in calls]
     sums = [sum(d for _, _, d in c) / 1e6 for c in calls]
     mid = calls[len(calls) // 2]

@@ -221,3 +221,21 @@ def test_prepare_activation_pads_gathers_and_permutes(m, gather, cfg, interpret)
     want[:m] = src if cfg.natural_k else src[:, nvfp4_decode.k_permutation(k)]
     assert got.shape == (mp, k) and mp % 8 == 0 and mp >= max(m, cfg.tile_m)
     np.testing.assert_array_equal(got, want)
+
+
+def test_programmatic_dependent_launch_needs_rows_mode_and_is_inert_in_interpret_mode():
+    """pdl_wait lets the weight loader read the weights and the row table before the previous kernel ends: sorted
+    rows are refused (their item table is computed right before the kernel). In interpret mode the flags change
+    nothing (griddepcontrol is GPU-only)."""
+    e, n, k = 2, 128, 256
+    w = _weight(jax.random.PRNGKey(8), e, n, k)
+    x = (jax.random.normal(jax.random.PRNGKey(9), (5, k)) * 3).astype(jnp.bfloat16)
+    gs = jnp.asarray([2, 3], jnp.int32)
+    rs = gm.epilogue_row_scale(w.global_scale, e, n)
+    cfg = gm.Config(tile_m=8, num_stages=1)
+    args = (x, [w.packed], [w.block_scale], [rs])
+    with pytest.raises(ValueError, match="pdl_wait needs rows mode"):
+        gm._launch(*args, gs, jnp.dtype(jnp.bfloat16), cfg, "linear", None, True, pdl_wait=True)
+    out = gm._launch(*args, None, jnp.dtype(jnp.bfloat16), cfg, "linear", None, True,
+                     row_group=jnp.asarray([0, 0, 1, 1, 1], jnp.int32), pdl_wait=True, pdl_trigger=True)
+    _assert_close(out, x, w, gs)
