@@ -48,7 +48,9 @@ def main():
     ap.add_argument("--grouped", action="store_true",
                     help="time moe_kernels' grouped call ([T*6, 4096] x NVFP4 [256, 4096, 4096], skewed routing) at "
                          "--tokens-list: the default config, 8-row tiles, and one-row items (rows mode, groups "
-                         "from group_sizes); per launch and per kernel")
+                         "from group_sizes); per launch and per kernel. --variants: default, tile8, rows, "
+                         "cfg:F=V;..., rows:F=V;... (rows mode with these Config fields), rowsg:F=V;... (the same "
+                         "with the in-kernel gather of x), each optionally +decode:store (ablations)")
     ap.add_argument("--copy-tb-s", type=float, default=3.29, help="copy rate for the floor (measured, sustained)")
     args = ap.parse_args()
     if args.down_l2:
@@ -250,14 +252,19 @@ def time_grouped(tokens, variants):
                    "rows": dataclasses.replace(base, tile_m=8)}.get(name)
             if name.startswith("cfg:"):     # e.g. cfg:num_stages=8;compute_wgs=2 (fields of gm.Config)
                 cfg = dataclasses.replace(base, **_config_fields(name[4:]))
+            if name.startswith(("rows:", "rowsg:")):     # rows mode (rowsg: in-kernel gather) with these fields
+                cfg = dataclasses.replace(base, tile_m=8, **_config_fields(name.partition(":")[2]))
             if cfg is None:
-                raise ValueError(f"unknown grouped variant {name!r} (default, tile8, rows, cfg:FIELD=V;...; "
-                                 f"+decode:store ablates)")
-            if name == "rows":
-                def f(x, gs, w, cfg=cfg):
+                raise ValueError(f"unknown grouped variant {name!r} (default, tile8, rows, cfg:FIELD=V;..., "
+                                 f"rows:FIELD=V;..., rowsg:FIELD=V;...; +decode:store ablates)")
+            if name == "rows" or name.startswith(("rows:", "rowsg:")):
+                gather = name.startswith("rowsg")
+
+                def f(x, gs, w, cfg=cfg, gather=gather):
                     row_group = jnp.searchsorted(jnp.cumsum(gs), jnp.arange(m), side="right").astype(jnp.int32)
                     return gm._launch(x, [w.packed], [w.block_scale], [rs], None, jnp.dtype(jnp.bfloat16), cfg,
-                                      "linear", None, False, row_group=row_group)
+                                      "linear", None, False, row_group=row_group,
+                                      **(dict(m=m, x_source="gather") if gather else {}))
             else:
                 def f(x, gs, w, cfg=cfg):
                     return gm.grouped_linear(x, w, gs, config=cfg)

@@ -99,6 +99,11 @@ class Config:
       64 rows, each decoding one 128-column half of every K step into its own accumulator; the pair adds them
       through SMEM before the epilogue). Four give each SM sub-partition two decoding warps instead of one pair
       to hide the decode's latency, at about half the registers per thread (decode sizes: small accumulators).
+    paired_n: one weight (the "linear" epilogue) streamed as two: each work unit covers the 128-row N tiles ni and
+      N/2 + ni of its group, two weight tiles per stage, as the SwiGLU kernel does with W1 and W3. Half the units,
+      twice the bytes per stage and per barrier round trip. Needs N % 256 == 0 and split_k > 1 (the unit's two
+      tiles go out as fp32 partials in natural column order). Not chosen by `default_config`: untimed (RESULTS.md,
+      seventeenth session).
     """
     tile_m: int = 64
     num_stages: int = 4
@@ -107,6 +112,7 @@ class Config:
     k_unroll: int = 1
     split_k: int = 1
     compute_wgs: int = 2
+    paired_n: bool = False
 
     def __post_init__(self):
         if self.tile_m < 8 or self.tile_m > 256 or self.tile_m & (self.tile_m - 1):
@@ -122,6 +128,8 @@ class Config:
         if self.compute_wgs == 4 and (self.natural_k or self.overlap_mma):
             raise ValueError("compute_wgs=4 decodes K halves of the permuted-K operand: natural_k and overlap_mma "
                              "must be off")
+        if self.paired_n and self.split_k < 2:
+            raise ValueError("paired_n writes its two N tiles as fp32 split-K partials: split_k must be >= 2")
 
 
 def default_config(m: int, num_groups: int, num_weights: int = 1, n: int | None = None,
@@ -318,6 +326,8 @@ class _Dims:
     # row table at once, so the caller must make sure that those were ready before the previous kernel started.
     pdl_trigger: bool = False
     pdl_wait: bool = False
+    # Config.paired_n: weights 0 and 1 are the same [E, 2n, K] weight; weight j's rows start at j * n.
+    paired_n: bool = False
 
 
 def _transforms(dtype, swizzle=128):
@@ -552,7 +562,8 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                     return tuple(a[...] for a in accs)
 
                 n0 = ni * _CTA_ROWS + rs * _WG_ROWS
-                row_scales = [_load_row_scale(rs_gmems[j], g, n0, dims, epi_fold, interpret) for j in range(nw)]
+                row_scales = [_load_row_scale(rs_gmems[j], g, n0 + (j * dims.n if dims.paired_n else 0), dims,
+                                              epi_fold, interpret) for j in range(nw)]
                 accs = pl.run_scoped(acc_scope, *[plgpu.ACC((_WG_ROWS, tm))] * nw)
 
                 def finish(accs):      # row scale, SwiGLU, output tile to SMEM for the storer
@@ -633,7 +644,8 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                             pl.when((ki >= stages) | (carry_mm > 0))(lambda: plgpu.barrier_wait(w_free.at[si]))
                             for j in range(nw):
                                 for h in range(_ROW_SLOTS):
-                                    src_rows = pl.ds(ni * _CTA_ROWS + h * _WG_ROWS, _WG_ROWS)
+                                    row0 = j * dims.n if dims.paired_n else 0     # paired: N/2 + ...
+                                    src_rows = pl.ds(row0 + ni * _CTA_ROWS + h * _WG_ROWS, _WG_ROWS)
                                     slot = j * _ROW_SLOTS + h
                                     plgpu.copy_gmem_to_smem(
                                         w_gmems[j].at[g, src_rows, pl.ds((k_base + ki) * (tk // 2), tk // 2)],
@@ -1093,6 +1105,11 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
     per_row = any(r.shape[1] != 1 for r in row_scales)
     if per_row:
         row_scales = [jnp.broadcast_to(r, (e, n)) for r in row_scales]
+    if cfg.paired_n:    # one weight as two half-N weights: the same operands twice, the second's rows from n / 2
+        if len(packs) != 1 or epilogue != "linear" or n % (2 * _CTA_ROWS):
+            raise ValueError(f"paired_n streams one weight with N % {2 * _CTA_ROWS} == 0 and the linear epilogue; "
+                             f"got {len(packs)} weights, N={n}, epilogue {epilogue!r}")
+        packs, scales, row_scales, n = packs * 2, scales * 2, row_scales * 2, n // 2
     split, nw = cfg.split_k, len(packs)
     if (k // _TILE_K) % split:
         raise ValueError(f"split_k={split} must divide the {k // _TILE_K} K steps of K={k}")
@@ -1108,7 +1125,7 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
                  n_items=n_items, rows_mode=row_group is not None, split_k=split, prefetch_rows=pf_rows,
                  x_source=x_source, rows_per_token=rows_per_token,
                  x_limit=float(x_limit) if (x_limit is not None and x_limit > 0) else None,
-                 pdl_trigger=pdl_trigger, pdl_wait=pdl_wait)
+                 pdl_trigger=pdl_trigger, pdl_wait=pdl_wait, paired_n=cfg.paired_n)
     body, scratch = _build_kernel(dims, cfg, epilogue, swiglu_limit, interpret)
     args = [table, xp, *packs, *scales, *row_scales, *(l2_prefetch if pf_rows else ())]
     out_type = (jax.ShapeDtypeStruct((split, mp, nw * n), jnp.float32) if split > 1 else

@@ -239,3 +239,28 @@ def test_programmatic_dependent_launch_needs_rows_mode_and_is_inert_in_interpret
     out = gm._launch(*args, None, jnp.dtype(jnp.bfloat16), cfg, "linear", None, True,
                      row_group=jnp.asarray([0, 0, 1, 1, 1], jnp.int32), pdl_wait=True, pdl_trigger=True)
     _assert_close(out, x, w, gs)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("rows_mode", [False, True])
+def test_paired_n_streams_one_weight_as_two_halves(per_row, rows_mode):
+    """Config.paired_n: each unit covers N tiles ni and N/2 + ni of one weight (the two-weight kernel's shape).
+    Interpret mode against the reference, with an empty group, per-tensor and per-row global scales, sorted rows and
+    one-row items; the shape and configuration errors name the constraint."""
+    e, n, k = 3, 512, 1024
+    w = _weight(jax.random.PRNGKey(10), e, n, k, per_row=per_row)
+    x = (jax.random.normal(jax.random.PRNGKey(11), (7, k)) * 3).astype(jnp.bfloat16)
+    gs = jnp.asarray([3, 0, 4], jnp.int32)
+    cfg = gm.Config(tile_m=8, num_stages=2, split_k=2, paired_n=True)
+    if rows_mode:
+        rs = gm.epilogue_row_scale(w.global_scale, e, n)
+        out = gm._launch(x, [w.packed], [w.block_scale], [rs], None, jnp.dtype(jnp.bfloat16), cfg, "linear", None,
+                         True, row_group=jnp.asarray([0, 0, 0, 2, 2, 2, 2], jnp.int32))
+    else:
+        out = gm.grouped_linear(x, w, gs, config=cfg, interpret=True)
+    _assert_close(out, x, w, gs)
+    with pytest.raises(ValueError, match="split_k must be >= 2"):
+        gm.Config(tile_m=8, paired_n=True)
+    narrow = _weight(jax.random.PRNGKey(12), e, 128, k)
+    with pytest.raises(ValueError, match="paired_n streams one weight"):
+        gm.grouped_linear(x, narrow, gs, config=cfg, interpret=True)
