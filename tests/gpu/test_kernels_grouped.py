@@ -138,3 +138,36 @@ def test_flash_shape_decode_rows():
         ref = wg @ np.asarray(x[r].astype(jnp.float32))
         mag = np.abs(wg) @ np.abs(np.asarray(x[r].astype(jnp.float32)))
         assert (np.abs(out[r] - ref) <= 2.0 ** -8 * np.abs(ref) + 1e-5 * mag).all(), f"row {r}"
+
+
+# Config.paired_n (one weight streamed as two half-N weights): sorted rows, then one-row items built in-kernel
+CASES_PAIRED = [
+    (1, [0, 1, 0, 0], (4, 256, 1024), gm.Config(tile_m=8, num_stages=2, split_k=2, paired_n=True)),
+    (6, [1, 0, 2, 1, 0, 1, 1, 0], (8, 512, 2048), gm.Config(tile_m=8, num_stages=4, split_k=4, compute_wgs=4,
+                                                             paired_n=True)),
+    (45, [7, 0, 1, 30, 0, 2, 0, 0], (8, 256, 1024), gm.Config(tile_m=16, num_stages=3, split_k=2, compute_wgs=4,
+                                                               paired_n=True)),
+]
+
+
+@pytest.mark.parametrize("m,sizes,shape,cfg", CASES_PAIRED)
+@pytest.mark.parametrize("mode", ["w4a16", "w4a16_per_row", "w4a4"])
+def test_grouped_paired_n_matches_reference(m, sizes, shape, cfg, mode):
+    test_grouped_matches_reference(m, sizes, shape, cfg, mode)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_paired_n_rows_mode_gather_matches_reference(per_row):
+    """paired_n with one-row items and the x-loader's in-kernel gather (the grouped call at one token's size)."""
+    e, n, k = 16, 512, 2048
+    sizes = [0, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 0, 0, 0, 1, 0]
+    w = _weight(jax.random.PRNGKey(21), e, n, k, per_row=per_row)
+    x = (jax.random.normal(jax.random.PRNGKey(22), (6, k), jnp.float32) * 3).astype(jnp.bfloat16)
+    gs = jnp.asarray(sizes, jnp.int32)
+    row_group = jnp.asarray(np.repeat(np.arange(e), sizes), jnp.int32)
+    rs = gm.epilogue_row_scale(w.global_scale, e, n)
+    cfg = gm.Config(tile_m=8, num_stages=4, split_k=4, compute_wgs=4, paired_n=True)
+    _poison((6, n), jnp.bfloat16)
+    out = jax.jit(lambda x, rg: gm._launch(x, [w.packed], [w.block_scale], [rs], None, jnp.dtype(jnp.bfloat16), cfg,
+                                           "linear", None, False, row_group=rg, m=6, x_source="gather"))(x, row_group)
+    _check(out, x, w, gs)
