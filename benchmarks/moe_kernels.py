@@ -6,8 +6,9 @@ popularity drawn from Dirichlet(0.3) (a skewed, realistic load). Decode T in {1,
     PYTHONPATH=. python benchmarks/moe_kernels.py [--tokens 1,8,64,256,2048,8192] [--sections ...] [--out DIR]
 
 Sections: ceilings (device copy, bf16 matmul), grouped (our grouped matmul on the gate/up shape, N = 2 x 2048,
-plus the baselines: lax.ragged_dot bf16, Pallas ragged_dot_mgpu bf16, XLA dequantize + ragged_dot, tokamax when
-importable; at decode sizes also `copy_same_bytes_tbps`, a device copy moving the call's bytes per launch, the
+plus the baselines: lax.ragged_dot bf16 (and, above 2048 tokens, where XLA's lowering of the whole call runs out
+of memory, the same rows in ragged_dot calls of 2048 tokens each), Pallas ragged_dot_mgpu bf16, XLA dequantize +
+ragged_dot, tokamax when importable; at decode sizes also `copy_same_bytes_tbps`, a device copy moving the call's bytes per launch, the
 ceiling with launch and ramp-up included; the issue's target is the large copy's rate), fused (the whole
 routed-expert block), actquant (the activation quantizer at 8192 x 4096).
 Times are medians of CUPTI-measured GPU time (all kernels of the call), over several routings so that repeated
@@ -206,6 +207,9 @@ def grouped(res, tokens, baselines: bool, n_routings: int = 3):
             with_wb = [(x, gs, wb) for x, gs in sets]
             rd = jax.jit(lambda x, gs, wb: jax.lax.ragged_dot(x, wb, gs))
             row["ragged_dot_bf16_ms"] = safe(measure, rd, *with_wb)
+            if t > RAGGED_CHUNK_TOKENS:    # XLA's lowering of the whole call OOMs at T = 8192 (asks for 96 GiB)
+                row["ragged_dot_bf16_chunked_ms"] = safe(measure, chunked_ragged_dot(RAGGED_CHUNK_TOKENS * TOPK),
+                                                         *with_wb)
             row["ragged_dot_mgpu_bf16_ms"] = safe(measure, _mgpu_ragged(), *with_wb)
             xla = jax.jit(lambda x, gs, w: jax.lax.ragged_dot(
                 x, jnp.swapaxes(nvfp4.dequantize(w, jnp.bfloat16), 1, 2), gs))
@@ -442,6 +446,26 @@ def actquant(res, t=8192, k=HIDDEN):
         print("actquant", row, flush=True)
         rows.append(row)
     res["actquant"] = rows
+
+
+# lax.ragged_dot over consecutive row chunks of this many tokens: the form a user falls back to where the whole
+# call does not compile (T = 8192 of V4-Flash); the same rows, groups and FLOPs.
+RAGGED_CHUNK_TOKENS = 2048
+
+
+def chunked_ragged_dot(chunk_rows: int):
+    """jit(x [M, K], group_sizes [E], w [E, K, N]) -> [M, N]: lax.ragged_dot on rows [c, c + chunk_rows) in turn,
+    each with the group sizes that fall inside its rows (rows past sum(group_sizes) stay zero, as in one call)."""
+    def f(x, gs, w):
+        ends = jnp.cumsum(gs.astype(jnp.int32))
+        starts = ends - gs.astype(jnp.int32)
+        outs = []
+        for c0 in range(0, x.shape[0], chunk_rows):
+            c1 = min(c0 + chunk_rows, x.shape[0])
+            sizes = jnp.clip(ends, c0, c1) - jnp.clip(starts, c0, c1)
+            outs.append(jax.lax.ragged_dot(x[c0:c1], w, sizes))
+        return jnp.concatenate(outs)
+    return jax.jit(f)
 
 
 def _mgpu_ragged():
