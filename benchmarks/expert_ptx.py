@@ -34,6 +34,7 @@ FAMILIES = {
     "mbarrier wait": r"mbarrier\.try_wait",
     "TMA load": r"cp\.async\.bulk\.tensor",
     "L2 prefetch": r"cp\.async\.bulk\.prefetch\.L2",
+    "PDL wait / trigger": r"griddepcontrol\.",
 }
 
 
