@@ -1,8 +1,10 @@
 """Wall time of one jitted call on the GPU, from a profiler trace: first kernel start to last kernel end.
 
 CUPTI's per-kernel durations (`jax.experimental.mosaic.gpu.profiler.measure`, what the other tables report) sum the
-kernels' own times: they leave out the gaps between launches, and they count twice any time in which two kernels
-overlap (a kernel launched early with programmatic dependent launch, PDL, starts while the one before it drains).
+kernels' own times: they leave out the gaps between launches, and they cannot show two kernels overlapping (a
+kernel launched early with programmatic dependent launch, PDL, starting while the one before it drains). Mosaic
+GPU's CUPTI records run one call's kernels one after another; with calls queued back to back the early kernel's
+record included its wait, counting the overlap twice (H200, benchmarks/RESULTS.md, seventeenth session).
 The span of a call counts every gap and every overlap once: it is the time the call holds the GPU.
 
 `span(f, *args)` traces `iterations` calls (each waited for, with a pause in between, so that calls separate),

@@ -8,15 +8,15 @@ popularity drawn from Dirichlet(0.3) (a skewed, realistic load). Decode T in {1,
 Sections: ceilings (device copy, bf16 matmul), grouped (our grouped matmul on the gate/up shape, N = 2 x 2048,
 plus the baselines: lax.ragged_dot bf16 (and, above 2048 tokens, where XLA's lowering of the whole call runs out
 of memory, the same rows in ragged_dot calls of 2048 tokens each), Pallas ragged_dot_mgpu bf16, XLA dequantize +
-ragged_dot, tokamax when importable; at decode sizes also `copy_same_bytes_tbps`, a device copy moving the call's bytes per launch, the
-ceiling with launch and ramp-up included; the issue's target is the large copy's rate), fused (the whole
-routed-expert block), actquant (the activation quantizer at 8192 x 4096).
+ragged_dot, tokamax when importable; at decode sizes also `copy_same_bytes_tbps`, a device copy moving the call's
+bytes per launch, the ceiling with launch and ramp-up included; the issue's target is the large copy's rate),
+fused (the whole routed-expert block), actquant (the activation quantizer at 8192 x 4096).
 Times are medians of CUPTI-measured GPU time (all kernels of the call), over several routings so that repeated
 runs do not sit in L2. CUPTI's figure is the sum of the kernels' own times, run one after another: it leaves out
-the gaps between launches, and it cannot show kernels that overlap. So the fused block and the decode-sized grouped
-calls also get `span_ms`, from a profiler trace taken after every CUPTI measurement (`gpu_trace.py`): the first
-kernel's start to the last one's end, gaps counted and overlaps (programmatic dependent launch) counted once. Out-of-memory and other failures are caught and reported as such. Prints a table and
-writes results.json.
+the gaps between launches, and it cannot show kernels that overlap. So the fused block and the decode-sized
+grouped calls also get `span_ms`, from a profiler trace taken after every CUPTI measurement (`gpu_trace.py`): the
+first kernel's start to the last one's end, gaps counted and overlaps (programmatic dependent launch) counted
+once. Out-of-memory and other failures are caught and reported as such. Prints a table and writes results.json.
 """
 from __future__ import annotations
 

@@ -131,7 +131,7 @@ def test_fused_moe_down_weight_prefetch_changes_no_bit(t):
 
 
 @pytest.mark.parametrize("t,split,limit", [(1, None, 7.0), (1, 1, 7.0), (2, 2, 1.0), (2, 4, None), (3, None, 1.0)])
-def test_fused_moe_in_kernel_activations_on_gpu(t, split, limit):
+def test_fused_moe_in_kernel_activations_on_gpu(t, split, limit, monkeypatch):
     """Rows mode with the x-loader warps building the activation tiles (fused_moe.IN_KERNEL_ACTIVATIONS): the
     gate/up kernel gathers and permutes x's rows itself, the down kernel sums gate/up's split-K partials and applies
     SwiGLU (split > 1) or reads its bf16 h (split 1). Against the reference, and against the XLA-prepared path,
@@ -145,14 +145,11 @@ def test_fused_moe_in_kernel_activations_on_gpu(t, split, limit):
     x = (3 * jax.random.normal(jax.random.PRNGKey(10), (t, d))).astype(jnp.bfloat16)
     cfg = None if split is None else gm.Config(tile_m=8, num_stages=4, split_k=split, compute_wgs=4)
 
-    def run(in_kernel):
-        prev, fused_moe.IN_KERNEL_ACTIVATIONS = fused_moe.IN_KERNEL_ACTIVATIONS, in_kernel
-        try:
-            f = jax.jit(lambda *a: fused_moe.moe_experts(*a, limit, config=cfg, rows_mode=True))
-            buf = jnp.full((t * k, d), jnp.nan, jnp.bfloat16); buf.block_until_ready(); buf.delete()
-            return np.asarray(f(x, w1, w3, w2, idx, tw).astype(jnp.float32))
-        finally:
-            fused_moe.IN_KERNEL_ACTIVATIONS = prev
+    def run(in_kernel):     # the switch is read at trace time; monkeypatch restores it after the test
+        monkeypatch.setattr(fused_moe, "IN_KERNEL_ACTIVATIONS", in_kernel)
+        f = jax.jit(lambda *a: fused_moe.moe_experts(*a, limit, config=cfg, rows_mode=True))
+        buf = jnp.full((t * k, d), jnp.nan, jnp.bfloat16); buf.block_until_ready(); buf.delete()
+        return np.asarray(f(x, w1, w3, w2, idx, tw).astype(jnp.float32))
 
     out, old = run(True), run(False)
     ref = np.asarray(fused_moe.reference(x, w1, w3, w2, idx, tw, limit, out_dtype=jnp.float32))
@@ -165,7 +162,7 @@ def test_fused_moe_in_kernel_activations_on_gpu(t, split, limit):
 
 
 @pytest.mark.parametrize("t", [1, 2])
-def test_fused_moe_pdl_matches_serial_launch_on_gpu(t):
+def test_fused_moe_pdl_matches_serial_launch_on_gpu(t, monkeypatch):
     """The down kernel launched early (fused_moe.PDL: programmatic dependent launch) gives the output of the serial
     launch bit for bit: its activation build and its stores wait for gate/up. Three layers in a row, each one's
     output the next one's input, with each layer's down weight computed inside the jit from the running x (the
@@ -189,12 +186,9 @@ def test_fused_moe_pdl_matches_serial_launch_on_gpu(t):
         return x
 
     def run(pdl):
-        prev, fused_moe.PDL = fused_moe.PDL, pdl
-        try:
-            buf = jnp.full((t * k, d), jnp.nan, jnp.bfloat16); buf.block_until_ready(); buf.delete()
-            return np.asarray(jax.jit(layers)(x, w1, w3, w2, idx, tw).astype(jnp.float32))
-        finally:
-            fused_moe.PDL = prev
+        monkeypatch.setattr(fused_moe, "PDL", pdl)
+        buf = jnp.full((t * k, d), jnp.nan, jnp.bfloat16); buf.block_until_ready(); buf.delete()
+        return np.asarray(jax.jit(layers)(x, w1, w3, w2, idx, tw).astype(jnp.float32))
 
     early, serial = run(True), run(False)
     assert np.isfinite(early).all() and np.abs(early).max() > 0
