@@ -219,18 +219,72 @@ def max_items(m: int, num_groups: int, tile_m: int) -> int:
     return (m + (min(num_groups, m) + 1) * (tile_m + 6)) // tile_m
 
 
+def _exclusive_prefix(per_group: jax.Array) -> jax.Array:
+    """[P, E] int32 -> [P, W]: entry s is the sum of the first s values (s <= E; entries past E repeat the total).
+    One masked reduction ([P, W, E], ~75K adds per row at E = 256): XLA fuses the producers into it and launches
+    once, where a cumsum's reduce-window becomes a two-level scan of 2-3 launches."""
+    e = per_group.shape[1]
+    w = _table_width(e)
+    before = lax.broadcasted_iota(jnp.int32, (w, e), 1) < lax.broadcasted_iota(jnp.int32, (w, e), 0)
+    return jnp.sum(jnp.where(before[None], per_group[:, None, :], 0), axis=2)
+
+
 def item_table(group_sizes: jax.Array, m: int, tile_m: int) -> jax.Array:
     """int32 [2 * W] (W = _table_width(E)): [0, W) the row where segment s starts (before clamping to M), [W, 2W)
     the first item index of segment s, for s in [0, E] (entries past E repeat the last)."""
-    e = group_sizes.shape[0]
-    w = _table_width(e)
     sizes = jnp.clip(group_sizes.astype(jnp.int32), 0, m)
     per_group = jnp.stack([sizes, (sizes + 6 + tile_m) // tile_m * (sizes > 0)])             # [2, E]
-    # Exclusive prefix sums as one masked reduction ([2, W, E], ~150K adds at E = 256): XLA fuses the producers
-    # into it and launches once, where a cumsum's reduce-window becomes a two-level scan of 2-3 launches.
-    before = lax.broadcasted_iota(jnp.int32, (w, e), 1) < lax.broadcasted_iota(jnp.int32, (w, e), 0)
-    prefix = jnp.sum(jnp.where(before[None], per_group[:, None, :], 0), axis=2)               # [2, W]
-    return prefix.reshape(2 * w)
+    return _exclusive_prefix(per_group).reshape(-1)
+
+
+def row_start_table(group_sizes: jax.Array, m: int) -> jax.Array:
+    """int32 [W]: the row where segment s starts, for s in [0, E] (entries past E repeat the last): the first half
+    of `item_table`, all that one-row items need (`row_segment`)."""
+    sizes = jnp.clip(group_sizes.astype(jnp.int32), 0, m)
+    return _exclusive_prefix(sizes[None])[0]
+
+
+def segment_search(load, value, num_groups: int, search: str = "rway"):
+    """The last segment s in [0, E] whose entry load(s) is <= value, for entries non-decreasing in s (segment
+    starts, in rows or in item indices). Returns (s, load(s)). Scalar jnp code (runs in every thread).
+
+    search: "rway": two rounds of independent loads (latency is paid per round, not per load): R-way with R * R >
+    E, the first round at fixed entries (s = R, 2R, ...), the second over the R - 1 entries after the first's
+    answer. ~34 loads and ~350 instructions at E = 256: for global memory, where a round costs ~0.3 us.
+    "binary": ceil(log2(E + 1)) dependent rounds of one load each, ~70 instructions: for shared memory (a round
+    ~30 cycles), where every compute warp runs the search at each unit boundary and the instruction count is what
+    delays the decode."""
+    e = num_groups
+    if search == "binary":
+        seg = jnp.int32(0)
+        step = 1 << max(0, e.bit_length() - 1)         # the largest power of two <= E
+        while step:
+            cand = seg + step
+            take = (cand <= e) & (load(jnp.minimum(cand, e)) <= value)
+            seg = jnp.where(take, cand, seg)
+            step //= 2
+        return seg, load(seg)
+    if search == "rway":
+        r = 2
+        while r * r <= e:
+            r += 1
+        hits = [(load(j * r) <= value) for j in range(1, r) if j * r <= e]
+        base = sum(h.astype(jnp.int32) for h in hits) * r
+        firsts = [load(jnp.minimum(base + j, e)) for j in range(r)]          # entries base .. base + R - 1
+        c2 = sum(((base + j <= e) & (firsts[j] <= value)).astype(jnp.int32) for j in range(1, r))
+        first = firsts[0]
+        for j in range(1, r):       # firsts[c2]: selects (registers cannot be indexed dynamically)
+            first = jnp.where(c2 == j, firsts[j], first)
+        return base + c2, first
+    raise ValueError(f"search must be 'rway' or 'binary', got {search!r}")
+
+
+def row_segment(row, load, num_groups: int):
+    """The group of `row` from `row_start_table` (load(i) -> its entry i), -1 for rows past sum(group_sizes) (the
+    zero tail). Empty groups start where the next one does, so the last segment starting at or before the row is
+    the row's group."""
+    seg, _ = segment_search(load, row, num_groups, "rway")
+    return jnp.where(seg < num_groups, seg, -1)
 
 
 def item_fields(it, load, m: int, num_groups: int, tile_m: int, search: str = "rway"):
@@ -238,40 +292,12 @@ def item_fields(it, load, m: int, num_groups: int, tile_m: int, search: str = "r
     load_start (a multiple of 8), offset, size (rows [load_start + offset, + size) of x and of the output) and
     valid. Scalar jnp code: the kernel runs it in every thread, the tests vmap it over all items.
 
-    search: how the last segment s in [0, E] whose first item is <= it is found.
-    - "rway": two rounds of independent loads (latency is paid per round, not per load): R-way with R * R > E, the
-      first round at fixed entries (s = R, 2R, ...), the second over the R - 1 entries after the first's answer.
-      ~34 loads and ~350 instructions at E = 256: for global memory, where a round costs ~0.3 us.
-    - "binary": ceil(log2(E + 1)) dependent rounds of one load each, ~70 instructions: for shared memory (a
-      round ~30 cycles), where every compute warp runs the search at each unit boundary and the instruction
-      count is what delays the decode.
-    A last round reads the segment's bounds."""
+    search: how the last segment s in [0, E] whose first item is <= it is found (`segment_search`: "rway" for
+    global memory, "binary" for shared memory). A last round reads the segment's bounds."""
     e, w = num_groups, _table_width(num_groups)
     if tile_m < 1 or tile_m & (tile_m - 1):
         raise ValueError(f"tile_m must be a power of two, got {tile_m}")
-    if search == "binary":
-        seg = jnp.int32(0)
-        step = 1 << max(0, e.bit_length() - 1)         # the largest power of two <= E
-        while step:
-            cand = seg + step
-            take = (cand <= e) & (load(w + jnp.minimum(cand, e)) <= it)
-            seg = jnp.where(take, cand, seg)
-            step //= 2
-        first = load(w + seg)
-    elif search == "rway":
-        r = 2
-        while r * r <= e:
-            r += 1
-        hits = [(load(w + j * r) <= it) for j in range(1, r) if j * r <= e]
-        base = sum(h.astype(jnp.int32) for h in hits) * r
-        firsts = [load(w + jnp.minimum(base + j, e)) for j in range(r)]         # entries base .. base + R - 1
-        c2 = sum(((base + j <= e) & (firsts[j] <= it)).astype(jnp.int32) for j in range(1, r))
-        seg = base + c2
-        first = firsts[0]
-        for j in range(1, r):       # firsts[c2]: selects (registers cannot be indexed dynamically)
-            first = jnp.where(c2 == j, firsts[j], first)
-    else:
-        raise ValueError(f"search must be 'rway' or 'binary', got {search!r}")
+    seg, first = segment_search(lambda s: load(w + s), it, e, search)
     a = jnp.minimum(load(seg), m)
     b = jnp.where(seg < e, jnp.minimum(load(jnp.minimum(seg + 1, w - 1)), m), m)
     # Floor division by powers of two as bit operations (the same values for any sign; `//` costs a sign fix-up
@@ -310,6 +336,10 @@ class _Dims:
     out_dtype: jnp.dtype
     n_items: int    # static bound on the item indices with rows (max_items; M in rows mode)
     rows_mode: bool = False   # items are one row each, in order: the table is just the row's group [M]
+    # Rows mode from group sizes (sorted rows, `grouped_matmul(one_row_items=True)`): the table is
+    # `row_start_table` and each thread finds its row's group by a search over it (`row_segment`); rows past
+    # sum(group_sizes) get group -1 and zero output.
+    rows_from_sizes: bool = False
     split_k: int = 1          # > 1: each unit sums K / split_k; fp32 partials [split_k, M, nw * N] are the output
     prefetch_rows: int = 0    # rows mode: L2-prefetch the next kernel's weight [E, N2, K2] of the first rows' groups
     # Rows mode: where the activation comes from. "tma": the prepared operand (`prepare_activation`), loaded by TMA.
@@ -459,6 +489,8 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         def fetch(lin, warp):
             """The item fields of unit lin (any index past the end: the values go unused)."""
             item = lin // (n_tiles * split)
+            if dims.rows_from_sizes:     # two rounds of global loads, one unit ahead of their use
+                return (row_segment(item, lambda i: table_gmem[i], dims.e),)
             if dims.rows_mode:
                 return (table_gmem[jnp.minimum(item, n_items - 1)],)
             f = item_fields(item, functools.partial(load_table, warp=warp), dims.m, dims.e, tm,
@@ -478,7 +510,8 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 # Unsorted rows, one work item each: item r = (group of row r, 8 * (r // 8), r % 8, 1). For a
                 # handful of rows with distinct groups (the k experts of one decode token) this skips sorting
                 # the rows and un-sorting the result, and building the item table.
-                gi = jnp.clip(raw[0], 0, dims.e - 1)
+                # (row_group from the caller is clamped; a searched group is -1 in the zero tail: no matmul)
+                gi = raw[0] if dims.rows_from_sizes else jnp.clip(raw[0], 0, dims.e - 1)
                 load_start = aligned(item // 8 * 8)
                 offset = item % 8
                 size = jnp.int32(1)
@@ -973,10 +1006,38 @@ def epilogue_row_scale(global_scale, e: int, n: int, input_scale=None) -> jax.Ar
     return g
 
 
+# Up to this many rows, W4A16 with at least as many groups as rows runs one work item per row
+# (`one_row_items_config`): decode of one or two tokens, whose rows are mostly in distinct groups.
+ONE_ROW_ITEMS_MAX_ROWS = 16
+
+
+def use_one_row_items(m: int, num_groups: int, w4a4: bool) -> bool:
+    """The automatic choice of `grouped_matmul`: one-row items for few rows spread over many groups. A group with
+    r rows then streams its weights r times, so the rule assumes rows in distinct groups (one token's k experts:
+    T = 2 of V4-Flash has 12 rows in 11 groups and was still faster, RESULTS.md, eighteenth session); W4A4
+    quantizes x in XLA first and keeps the sorted items."""
+    return not w4a4 and 0 < m <= ONE_ROW_ITEMS_MAX_ROWS and num_groups >= m
+
+
+def one_row_items_config(m: int, n: int, k: int) -> Config:
+    """One-row items: 8-row activation tiles (the row's own row of the TMA box), four compute warpgroups, and, for
+    N % 256 == 0, each unit streaming two 128-row N tiles (`paired_n`, as the SwiGLU kernel does with its two
+    weights: T = 1 of V4-Flash, [6, 4096] x [4096, 4096], kernel 20.8 us against 25.4 with one tile per unit,
+    H200, RESULTS.md eighteenth session), with the K split that balances the SMs."""
+    steps = k // _TILE_K
+    paired = n % (2 * _CTA_ROWS) == 0 and steps % 2 == 0 and steps >= 4
+    units = m * (n // (2 * _CTA_ROWS if paired else _CTA_ROWS))
+    split = balanced_split_k(units, steps, _num_sms())
+    if paired and split == 1:
+        split = 2
+    return Config(tile_m=8, num_stages=4, split_k=split, compute_wgs=4, paired_n=paired)
+
+
 def grouped_matmul(x: jax.Array, packed: jax.Array, block_scale: jax.Array, global_scale: jax.Array,
                    group_sizes: jax.Array, *, input_scale: jax.Array | None = None,
                    input_multiplier: jax.Array | None = None, out_dtype=None,
-                   config: Config | None = None, interpret: bool = False) -> jax.Array:
+                   config: Config | None = None, one_row_items: bool | None = None,
+                   interpret: bool = False) -> jax.Array:
     """NVFP4 grouped matmul: x [M, K] rows sorted by group, weights [E, N, K] -> [M, N] (fp32 accumulation).
 
     input_scale None: W4A16 (x used as given, bf16). input_scale g_a (scalar or [E]): W4A4, x is first
@@ -986,6 +1047,9 @@ def grouped_matmul(x: jax.Array, packed: jax.Array, block_scale: jax.Array, glob
     kernel stores 16-bit tiles).
     Rows past sum(group_sizes) are zero. `interpret=True` runs the kernel in Mosaic GPU interpret mode (CPU;
     see `_interpret_params` for the host-device requirement).
+    one_row_items: one work item per row (its group found in-kernel; on the GPU the x-loader warp reads the row
+    itself, no preparation launch) instead of tiles of a group's rows. None: `use_one_row_items` when no config is
+    given, else False. config None then picks `one_row_items_config` or `default_config`.
     """
     from pallas_kernels import act_quant  # local: act_quant imports this module's helpers indirectly
 
@@ -1005,6 +1069,18 @@ def grouped_matmul(x: jax.Array, packed: jax.Array, block_scale: jax.Array, glob
     # The output tile goes through 128-byte-swizzled SMEM rows of 64 columns, which holds 16-bit types only; an
     # fp32 request gets the fp32 accumulator rounded to bf16 once (inside the stated bound), then widened.
     kernel_dtype = out_dtype if out_dtype.itemsize == 2 else jnp.dtype(jnp.bfloat16)
+    if one_row_items is None:
+        one_row_items = config is None and use_one_row_items(m, e, input_scale is not None)
+    if one_row_items:
+        cfg = config or one_row_items_config(m, n, k)
+        # GPU: the x-loader warp reads each natural-order row itself (8-row tiles only); interpret mode has no
+        # such warp code, so the operand is prepared and TMA'd.
+        gather = not interpret and cfg.tile_m == activation_tile.TILE_ROWS and not cfg.natural_k
+        xb = x.astype(jnp.bfloat16)
+        out = _launch(xb if gather else prepare_activation(xb, m, cfg, interpret), [packed], [block_scale], [rs],
+                      group_sizes, kernel_dtype, cfg, "linear", None, interpret, m=m,
+                      x_source="gather" if gather else "tma", one_row_items=True)
+        return out.astype(out_dtype)
     out = _launch(x.astype(jnp.bfloat16), [packed], [block_scale], [rs], group_sizes, kernel_dtype,
                   config or default_config(m, e, n=n, k=k), "linear", None, interpret)
     return out.astype(out_dtype)
@@ -1052,11 +1128,14 @@ def prepare_activation(x: jax.Array, m: int, cfg: Config, interpret: bool = Fals
 def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, epilogue, swiglu_limit,
             interpret, row_group=None, *, m: int | None = None, prepare_for: Config | None = None,
             l2_prefetch=None, x_source: str = "tma", rows_per_token: int = 1, x_limit: float | None = None,
-            raw_output: bool = False, pdl_trigger: bool = False, pdl_wait: bool = False):
+            raw_output: bool = False, pdl_trigger: bool = False, pdl_wait: bool = False,
+            one_row_items: bool = False):
     """Run the kernel: x [M, K] (natural column order), 1 or 2 NVFP4 weights [E, N, K] -> [M, N].
 
     Rows sorted by group (`group_sizes`), or, with row_group [M] given, in any order: one work item per row (rows
     of one group in different items each stream its weights, so this is for rows whose groups seldom repeat).
+    one_row_items: rows sorted by group (`group_sizes`) but one work item per row, as with row_group; each thread
+    finds the row's group in `row_start_table` (one small XLA launch, as the sorted items' table).
     m given: x is already `prepare_activation(x, m, cfg)`. prepare_for given: the result is returned as
     `prepare_activation(result, M, prepare_for)`, the next launch's operand (with a K split, the permutation
     fuses into the XLA sum of the partials). l2_prefetch = (packed, block_scale) of a weight [E, N2, K2] (rows
@@ -1074,9 +1153,12 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
     e, n, _ = packs[0].shape
     tm = cfg.tile_m
     k = packs[0].shape[2] * 2
+    if one_row_items and (row_group is not None or group_sizes is None):
+        raise ValueError("one_row_items takes group_sizes (sorted rows), not row_group")
+    rows_mode = row_group is not None or one_row_items
     if x_source != "tma":
-        if m is None or row_group is None:
-            raise ValueError(f"x_source={x_source!r} needs rows mode (row_group) and m")
+        if m is None or not rows_mode:
+            raise ValueError(f"x_source={x_source!r} needs rows mode (row_group or one_row_items) and m")
         if x_source == "gather" and (x.ndim != 2 or x.shape[1] != k or x.shape[0] * rows_per_token < m):
             raise ValueError(f"x_source='gather': x must be [>= {m} / {rows_per_token}, {k}], got {list(x.shape)}")
         if x_source == "swiglu" and (x.ndim != 3 or x.shape[2] != 2 * k or x.shape[1] < m
@@ -1094,7 +1176,9 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
                              f"{x.shape[0]}")
         xp = x
         mp = xp.shape[0]
-    if row_group is None:
+    if one_row_items:
+        table, n_items = row_start_table(group_sizes, m), m
+    elif row_group is None:
         if 2 * _table_width(e) // _TABLE_COLS > 256:     # one TMA box
             raise ValueError(f"grouped_matmul kernel: {e} groups is more than the item table holds (4094)")
         table, n_items = item_table(group_sizes, m, tm).reshape(-1, _TABLE_COLS), max_items(m, e, tm)
@@ -1114,7 +1198,7 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
     if (k // _TILE_K) % split:
         raise ValueError(f"split_k={split} must divide the {k // _TILE_K} K steps of K={k}")
     if pdl_wait and row_group is None:
-        raise ValueError("pdl_wait needs rows mode (row_group): the item table of sorted rows is computed right "
+        raise ValueError("pdl_wait needs rows mode with row_group: the table of sorted rows is computed right "
                          "before the kernel, and its weight loader would read it before the wait")
     pf_rows = 0
     if l2_prefetch is not None:
@@ -1122,7 +1206,8 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
             raise ValueError("l2_prefetch needs rows mode (row_group): sorted groups are not known per row")
         pf_rows = prefetch_rows_for(l2_prefetch[0].shape, m)
     dims = _Dims(m=m, k=k, n=n, e=e, num_weights=nw, row_scale_per_row=per_row, out_dtype=out_dtype,
-                 n_items=n_items, rows_mode=row_group is not None, split_k=split, prefetch_rows=pf_rows,
+                 n_items=n_items, rows_mode=rows_mode, rows_from_sizes=one_row_items, split_k=split,
+                 prefetch_rows=pf_rows,
                  x_source=x_source, rows_per_token=rows_per_token,
                  x_limit=float(x_limit) if (x_limit is not None and x_limit > 0) else None,
                  pdl_trigger=pdl_trigger, pdl_wait=pdl_wait, paired_n=cfg.paired_n)
@@ -1166,11 +1251,11 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
 
 
 def grouped_linear(x: jax.Array, w, group_sizes: jax.Array, *, out_dtype=None, config: Config | None = None,
-                   interpret: bool = False) -> jax.Array:
+                   one_row_items: bool | None = None, interpret: bool = False) -> jax.Array:
     """`reference.grouped_linear` for an NVFP4Tensor weight [E, N, K] (W4A16, or W4A4 with its input_scale)."""
     return grouped_matmul(x, w.packed, w.block_scale, w.global_scale, group_sizes, input_scale=w.input_scale,
                           input_multiplier=w.input_multiplier, out_dtype=out_dtype, config=config,
-                          interpret=interpret)
+                          one_row_items=one_row_items, interpret=interpret)
 
 
 def reference(x: jax.Array, w, group_sizes: jax.Array, *, out_dtype=None) -> jax.Array:

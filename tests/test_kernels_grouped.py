@@ -264,3 +264,70 @@ def test_paired_n_streams_one_weight_as_two_halves(per_row, rows_mode):
     narrow = _weight(jax.random.PRNGKey(12), e, 128, k)
     with pytest.raises(ValueError, match="paired_n streams one weight"):
         gm.grouped_linear(x, narrow, gs, config=cfg, interpret=True)
+
+
+@pytest.mark.parametrize("sizes,m", [
+    ([0, 1, 0, 0, 1, 1, 0, 1, 1, 1], 6),         # one token's rows in distinct groups, empty groups between
+    ([2, 0, 3, 1], 6),                           # a group with several rows (each row still its own item)
+    ([0, 0, 1, 2], 7),                           # trailing rows past the sizes' sum: the zero tail (-1)
+    ([0, 0, 0], 3),                              # no group has rows
+    ([9, -2, 4], 5),                             # a size past M (clamped) and a negative size (no rows)
+    ("random", 16),                              # 256 groups: both rounds of the 17-way search
+])
+def test_row_segment_finds_every_rows_group(sizes, m):
+    """One-row items from sorted rows: each thread searches `row_start_table` for its row's group."""
+    if sizes == "random":
+        rng = np.random.default_rng(3)
+        sizes = np.bincount(rng.choice(256, m - 2, replace=False), minlength=256)
+    sizes = np.asarray(sizes, np.int32)
+    e = len(sizes)
+    table = gm.row_start_table(jnp.asarray(sizes), m)
+    assert table.shape == (gm._table_width(e),)
+    got = np.asarray(jax.vmap(lambda r: gm.row_segment(r, lambda i: table[i], e))(jnp.arange(m)))
+    ends = np.minimum(np.cumsum(np.maximum(sizes, 0)), m)
+    want = np.searchsorted(ends, np.arange(m), side="right")
+    np.testing.assert_array_equal(got, np.where(want < e, want, -1))
+
+
+@pytest.mark.parametrize("m,sizes,shape,cfg,mode", [
+    # paired N tiles with a 4-way K split, an empty group between rows, a group of 3 rows, a 1-row zero tail
+    (7, [1, 0, 3, 2], (4, 512, 1024), gm.Config(tile_m=8, num_stages=2, split_k=4, compute_wgs=4, paired_n=True),
+     "w4a16"),
+    (5, [0, 2, 1, 0, 2], (5, 256, 512), gm.Config(tile_m=8, num_stages=2, split_k=2, compute_wgs=4,
+                                                  paired_n=True), "per_row"),
+    (4, [0, 0, 1], (3, 128, 512), gm.Config(tile_m=8, num_stages=2), "w4a16"),    # one N tile, no split; 3 tail
+    (3, [0, 0, 0], (3, 128, 512), gm.Config(tile_m=8, num_stages=2, split_k=2), "w4a16"),   # all zero tail
+])
+def test_one_row_items_from_group_sizes_match_reference(m, sizes, shape, cfg, mode):
+    e, n, k = shape
+    kx, kw = jax.random.split(jax.random.PRNGKey(30 + m))
+    w = _weight(kw, e, n, k, per_row=mode == "per_row")
+    x = (jax.random.normal(kx, (m, k)) * 3).astype(jnp.bfloat16)
+    gs = jnp.asarray(sizes, jnp.int32)
+    out = gm.grouped_linear(x, w, gs, config=cfg, one_row_items=True, interpret=True)
+    _assert_close(out, x, w, gs)
+    tail = int(np.minimum(np.cumsum(sizes), m)[-1])
+    assert not np.asarray(out[tail:], np.float32).any()
+
+
+def test_one_row_items_policy_and_config():
+    """The automatic choice: W4A16 with at most 16 rows and at least as many groups (one or two decode tokens,
+    a dense linear of one row); the config pairs 128-row N tiles and balances the SMs with a K split."""
+    assert gm.use_one_row_items(6, 256, False) and gm.use_one_row_items(16, 256, False)
+    assert gm.use_one_row_items(1, 1, False)                        # a dense linear at batch 1
+    assert not gm.use_one_row_items(17, 256, False)                 # 3 tokens: sorted tiles
+    assert not gm.use_one_row_items(8, 4, False)                    # rows would share groups
+    assert not gm.use_one_row_items(6, 256, True)                   # W4A4 quantizes x in XLA first
+    assert not gm.use_one_row_items(0, 256, False)
+    cfg = gm.one_row_items_config(6, 4096, 4096)                    # T = 1 of V4-Flash's gate/up-sized weight
+    assert (cfg.tile_m, cfg.compute_wgs, cfg.paired_n, cfg.split_k, cfg.num_stages) == (8, 4, True, 4, 4)
+    assert gm.one_row_items_config(12, 4096, 4096).split_k == 2     # T = 2
+    cfg = gm.one_row_items_config(6, 128, 4096)                     # one N tile: nothing to pair
+    assert not cfg.paired_n
+    assert not gm.one_row_items_config(6, 4096, 512).paired_n       # 2 K steps: no split for the pair
+    e, n, k = 2, 256, 1024
+    w = _weight(jax.random.PRNGKey(40), e, n, k)
+    x = jnp.ones((2, k), jnp.bfloat16)
+    with pytest.raises(ValueError, match="one_row_items takes group_sizes"):
+        gm._launch(x, [w.packed], [w.block_scale], [gm.epilogue_row_scale(w.global_scale, e, n)], None,
+                   jnp.dtype(jnp.bfloat16), gm.Config(tile_m=8), "linear", None, True, one_row_items=True)

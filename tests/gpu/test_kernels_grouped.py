@@ -171,3 +171,36 @@ def test_paired_n_rows_mode_gather_matches_reference(per_row):
     out = jax.jit(lambda x, rg: gm._launch(x, [w.packed], [w.block_scale], [rs], None, jnp.dtype(jnp.bfloat16), cfg,
                                            "linear", None, False, row_group=rg, m=6, x_source="gather"))(x, row_group)
     _check(out, x, w, gs)
+
+
+# One-row items from group sizes (`grouped_matmul`'s automatic choice for <= 16 rows over >= as many groups): each
+# thread searches the row's group, the x-loader warp reads the row itself; empty groups, a group of several rows
+# (each row streams it), rows past the sizes' sum (zero tail), one N tile (unpaired), per-row global scales.
+CASES_ONE_ROW = [
+    (6, [0, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 0, 0, 0, 1, 0], (16, 512, 2048)),
+    (7, [3, 0, 1, 1], (4, 256, 1024)),                  # 2 tail rows
+    (16, "distinct", (32, 1024, 4096)),
+    (5, [0, 2, 0, 3, 0], (5, 128, 1024)),               # one 128-row N tile: not paired
+    (3, [0, 0, 0], (3, 256, 512)),                      # every row in the zero tail
+]
+
+
+@pytest.mark.parametrize("m,sizes,shape", CASES_ONE_ROW)
+@pytest.mark.parametrize("mode", ["w4a16", "w4a16_per_row"])
+def test_one_row_items_match_reference(m, sizes, shape, mode):
+    e, n, k = shape
+    if sizes == "distinct":
+        sizes = np.zeros(e, np.int32)
+        sizes[np.random.default_rng(m).choice(e, m, replace=False)] = 1
+    assert gm.use_one_row_items(m, e, False)
+    kx, kw = jax.random.split(jax.random.PRNGKey(50 + m))
+    w = _weight(kw, e, n, k, per_row=mode == "w4a16_per_row")
+    x = (jax.random.normal(kx, (m, k), jnp.float32) * 3).astype(jnp.bfloat16)
+    gs = jnp.asarray(sizes, jnp.int32)
+    cfg = gm.one_row_items_config(m, n, k)
+    _poison((cfg.split_k, gm.padded_rows(m, cfg), n), jnp.float32)
+    _poison((m, n), jnp.bfloat16)
+    out = jax.jit(lambda x, gs: gm.grouped_linear(x, w, gs))(x, gs)
+    _check(out, x, w, gs)
+    tail = int(min(int(np.sum(sizes)), m))
+    assert not np.asarray(out[tail:].astype(jnp.float32)).any()
