@@ -265,7 +265,9 @@ def sweep(res, tokens):
             cfg = gm.Config(**c) if c is not None else None
             f = jax.jit(lambda x, gs, w, cfg=cfg: gm.grouped_linear(x, w, gs, config=cfg))
             ms = safe(measure, f, *sets)
-            name = str(cfg) if cfg is not None else f"default {gm.default_config(m, EXPERTS, n=n, k=k)}"
+            auto = (gm.one_row_items_config(m, n, k) if gm.use_one_row_items(m, EXPERTS, False) else
+                    gm.default_config(m, EXPERTS, n=n, k=k))
+            name = str(cfg) if cfg is not None else f"default {auto}"
             out.append(dict(T=t, config=name, ms=ms))
             print("sweep", t, name, ms, flush=True)
     del w

@@ -49,7 +49,8 @@ def main():
     ap.add_argument("--grouped", action="store_true",
                     help="time moe_kernels' grouped call ([T*6, 4096] x NVFP4 [256, 4096, 4096], skewed routing) at "
                          "--tokens-list: the default config, 8-row tiles, and one-row items (rows mode, groups "
-                         "from group_sizes); per launch and per kernel. --variants: default, tile8, rows, "
+                         "from group_sizes); per launch and per kernel. --variants: auto (grouped_matmul's own "
+                         "choice, e.g. one-row items from group sizes), default (default_config, sorted), tile8, rows, "
                          "cfg:F=V;..., rows:F=V;... (rows mode with these Config fields), rowsg:F=V;... (the same "
                          "with the in-kernel gather of x), each optionally +decode:store (ablations)")
     ap.add_argument("--copy-tb-s", type=float, default=3.29, help="copy rate for the floor (measured, sustained)")
@@ -254,8 +255,10 @@ def time_grouped(tokens, variants):
                 cfg = dataclasses.replace(base, **_config_fields(name[4:]))
             if name.startswith(("rows:", "rowsg:")):     # rows mode (rowsg: in-kernel gather) with these fields
                 cfg = dataclasses.replace(base, tile_m=8, **_config_fields(name.partition(":")[2]))
+            if name == "auto":      # grouped_matmul's own choice (one-row items for <= 16 rows), no config
+                cfg = "auto"
             if cfg is None:
-                raise ValueError(f"unknown grouped variant {name!r} (default, tile8, rows, cfg:FIELD=V;..., "
+                raise ValueError(f"unknown grouped variant {name!r} (auto, default, tile8, rows, cfg:FIELD=V;..., "
                                  f"rows:FIELD=V;..., rowsg:FIELD=V;...; +decode:store ablates)")
             if name == "rows" or name.startswith(("rows:", "rowsg:")):
                 gather = name.startswith("rowsg")
@@ -265,6 +268,9 @@ def time_grouped(tokens, variants):
                     return gm._launch(x, [w.packed], [w.block_scale], [rs], None, jnp.dtype(jnp.bfloat16), cfg,
                                       "linear", None, False, row_group=row_group,
                                       **(dict(m=m, x_source="gather") if gather else {}))
+            elif cfg == "auto":
+                def f(x, gs, w):
+                    return gm.grouped_linear(x, w, gs)
             else:
                 def f(x, gs, w, cfg=cfg):
                     return gm.grouped_linear(x, w, gs, config=cfg)
