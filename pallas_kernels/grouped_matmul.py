@@ -65,6 +65,11 @@ _WGMMA = plgpu.Layout.WGMMA
 # warpgroups took 31.2 / 147.6 / 418.1 us at T = 1 / 8 / 64 where the 17-way one took 32.2 / 150.5 / 430.6.
 _WARP_SEARCH = "rway"
 _WG_SEARCH = "binary"
+# One-row items from group sizes: how the compute warpgroups search `row_start_table` in global memory after their
+# first unit (which always takes "rway": two rounds of L2 latency at the start). "binary": nine dependent rounds
+# that hit L1 once the table's 1 KB is there, ~70 instructions; "rway" ~350 instructions in each of the 16 compute
+# warps per unit, on the integer pipe that the FP4 decode is bound by.
+ROW_SEARCH = "binary"
 _WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
 # Diagnostics only (the results are WRONG while set): parts of the kernel's work to skip, to time what remains
 # (benchmarks/ncu_experts.py --variants ablate_*). "decode": the wgmma operand is the raw code words (the SMEM
@@ -279,11 +284,11 @@ def segment_search(load, value, num_groups: int, search: str = "rway"):
     raise ValueError(f"search must be 'rway' or 'binary', got {search!r}")
 
 
-def row_segment(row, load, num_groups: int):
+def row_segment(row, load, num_groups: int, search: str = "rway"):
     """The group of `row` from `row_start_table` (load(i) -> its entry i), -1 for rows past sum(group_sizes) (the
     zero tail). Empty groups start where the next one does, so the last segment starting at or before the row is
     the row's group."""
-    seg, _ = segment_search(load, row, num_groups, "rway")
+    seg, _ = segment_search(load, row, num_groups, search)
     return jnp.where(seg < num_groups, seg, -1)
 
 
@@ -417,6 +422,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
     release_after = [st for st in range(k_iters) if st not in released]
 
     pdl_wait = dims.pdl_wait and not interpret
+    row_search = ROW_SEARCH
     pdl_wait_if = (lambda: plgpu.griddepcontrol_wait()) if pdl_wait else (lambda: None)
 
     def kernel(table_gmem, x_gmem, *refs):
@@ -486,11 +492,13 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
             for st in release_after:
                 plgpu.barrier_arrive(x_free.at[st % stages])
 
-        def fetch(lin, warp):
-            """The item fields of unit lin (any index past the end: the values go unused)."""
+        def fetch(lin, warp, first=False):
+            """The item fields of unit lin (any index past the end: the values go unused). first: the SM's first
+            unit, looked up before the loop."""
             item = lin // (n_tiles * split)
-            if dims.rows_from_sizes:     # two rounds of global loads, one unit ahead of their use
-                return (row_segment(item, lambda i: table_gmem[i], dims.e),)
+            if dims.rows_from_sizes:     # global loads, one unit ahead of their use
+                search = "rway" if (warp or first) else row_search
+                return (row_segment(item, lambda i: table_gmem[i], dims.e, search),)
             if dims.rows_mode:
                 return (table_gmem[jnp.minimum(item, n_items - 1)],)
             f = item_fields(item, functools.partial(load_table, warp=warp), dims.m, dims.e, tm,
@@ -539,7 +547,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
             extent = (n_items if dims.rows_mode else
                       item_extent(functools.partial(load_table, warp=warp), dims.m, dims.e, tm))
             count, _ = plgpu.nd_loop((extent * (n_tiles * split),), collective_axes="sm",
-                                     init_carry=(jnp.int32(0), fetch(sm, warp)))(step)
+                                     init_carry=(jnp.int32(0), fetch(sm, warp, first=True)))(step)
             return count
 
         # The memory warps each run their own loop over the units (not one shared loop): a warp_map ends with a

@@ -192,7 +192,7 @@ def test_one_row_items_match_reference(m, sizes, shape, mode):
     if sizes == "distinct":
         sizes = np.zeros(e, np.int32)
         sizes[np.random.default_rng(m).choice(e, m, replace=False)] = 1
-    assert gm.use_one_row_items(m, e, False)
+    assert gm.use_one_row_items(m, e, False) == (e >= m)
     kx, kw = jax.random.split(jax.random.PRNGKey(50 + m))
     w = _weight(kw, e, n, k, per_row=mode == "w4a16_per_row")
     x = (jax.random.normal(kx, (m, k), jnp.float32) * 3).astype(jnp.bfloat16)
@@ -200,7 +200,7 @@ def test_one_row_items_match_reference(m, sizes, shape, mode):
     cfg = gm.one_row_items_config(m, n, k)
     _poison((cfg.split_k, gm.padded_rows(m, cfg), n), jnp.float32)
     _poison((m, n), jnp.bfloat16)
-    out = jax.jit(lambda x, gs: gm.grouped_linear(x, w, gs))(x, gs)
+    out = jax.jit(lambda x, gs: gm.grouped_linear(x, w, gs, one_row_items=True))(x, gs)
     _check(out, x, w, gs)
     tail = int(min(int(np.sum(sizes)), m))
     assert not np.asarray(out[tail:].astype(jnp.float32)).any()
