@@ -258,9 +258,7 @@ def time_grouped(tokens, variants):
                 cfg = dataclasses.replace(base, tile_m=8, **_config_fields(name.partition(":")[2]))
             if name.startswith("auto"):     # grouped_matmul's own choice (one-row items for <= 16 rows), no
                 cfg = "auto"                # config; auto:SEARCH sets the compute warpgroups' row search
-                opts = name.split(":")[1:]     # auto[:binary|rway][:nodefer]
-                gm.ROW_SEARCH = next((o for o in opts if o in ("binary", "rway")), _ROW_SEARCH)
-                gm.DEFER_ROW_SEARCH = "nodefer" not in opts
+                gm.ROW_SEARCH = name.partition(":")[2] or _ROW_SEARCH     # auto[:binary|rway]
             if cfg is None:
                 raise ValueError(f"unknown grouped variant {name!r} (auto, default, tile8, rows, cfg:FIELD=V;..., "
                                  f"rows:FIELD=V;..., rowsg:FIELD=V;...; +decode:store ablates)")
@@ -285,7 +283,7 @@ def time_grouped(tokens, variants):
             print(f"| {name} | {abl or '-'} | {t} | {m} | {int((gs_np > 0).sum())} | {call:.4f} | "
                   f"{', '.join(f'{nm[:24]} {v:.4f}' for nm, v in kern)} | {byts / (call * 1e9):.3f} |", flush=True)
     gm.ABLATE = frozenset()
-    gm.ROW_SEARCH, gm.DEFER_ROW_SEARCH = _ROW_SEARCH, True
+    gm.ROW_SEARCH = _ROW_SEARCH
 
 
 def _config_fields(spec: str) -> dict:

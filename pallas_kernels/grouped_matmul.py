@@ -68,11 +68,10 @@ _WG_SEARCH = "binary"
 # One-row items from group sizes: how the compute warpgroups search `row_start_table` in global memory after their
 # first unit (which always takes "rway": two rounds of L2 latency at the start). "binary": nine dependent rounds
 # that hit L1 once the table's 1 KB is there, ~70 instructions; "rway" ~350 instructions in each of the 16 compute
-# warps per unit, on the integer pipe that the FP4 decode is bound by.
+# warps per unit. The same time at T = 1 and 2 (H200, RESULTS.md eighteenth session). The memory warps always take
+# "rway"; splitting it so that they never stall on it (the row-independent first round once per warp, the second
+# a unit ahead) made the kernel 1.3 us slower there, and was removed.
 ROW_SEARCH = "binary"
-# ... and the memory warps: the first round once per warp, the second issued a unit ahead and resolved at its use
-# (`row_search_coarse`), so that the weight loader does not stall on a dependent round of loads at every unit.
-DEFER_ROW_SEARCH = True
 _WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
 # Diagnostics only (the results are WRONG while set): parts of the kernel's work to skip, to time what remains
 # (benchmarks/ncu_experts.py --variants ablate_*). "decode": the wgmma operand is the raw code words (the SMEM
@@ -295,37 +294,6 @@ def row_segment(row, load, num_groups: int, search: str = "rway"):
     return jnp.where(seg < num_groups, seg, -1)
 
 
-def _rway_radix(e: int) -> int:
-    r = 2
-    while r * r <= e:
-        r += 1
-    return r
-
-
-def row_search_coarse(load, num_groups: int) -> tuple:
-    """The rway row search in three parts, for a warp that must not stall on it (`row_segment` in one go costs two
-    dependent rounds of global loads at the lookup). Part 1, once per warp: the first round's entries, which do
-    not depend on the row (s = R, 2R, ...)."""
-    r = _rway_radix(num_groups)
-    return tuple(load(j * r) for j in range(1, r) if j * r <= num_groups)
-
-
-def row_search_issue(row, coarse: tuple, load, num_groups: int) -> tuple:
-    """Part 2, one unit ahead: from the coarse entries (registers) the R entries of the second round; the loads
-    are issued here and their values used only by `row_search_finish`, a unit later."""
-    r = _rway_radix(num_groups)
-    base = sum((c <= row).astype(jnp.int32) for c in coarse) * r
-    return (base, *(load(jnp.minimum(base + j, num_groups)) for j in range(r)))
-
-
-def row_search_finish(row, raw: tuple, num_groups: int):
-    """Part 3: the row's group (-1 in the zero tail), equal to `row_segment`."""
-    base, firsts = raw[0], raw[1:]
-    c2 = sum(((base + j <= num_groups) & (firsts[j] <= row)).astype(jnp.int32) for j in range(1, len(firsts)))
-    seg = base + c2
-    return jnp.where(seg < num_groups, seg, -1)
-
-
 def item_fields(it, load, m: int, num_groups: int, tile_m: int, search: str = "rway"):
     """Item `it` from the table (load(i) -> int32 entry i of the flat table): dict of group (-1: zero tail),
     load_start (a multiple of 8), offset, size (rows [load_start + offset, + size) of x and of the output) and
@@ -526,16 +494,13 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
             for st in release_after:
                 plgpu.barrier_arrive(x_free.at[st % stages])
 
-        def fetch(lin, warp, first=False, coarse=None):
+        def fetch(lin, warp, first=False):
             """The item fields of unit lin (any index past the end: the values go unused). first: the SM's first
-            unit, looked up before the loop. coarse: a memory warp's `row_search_coarse` (one-row items from
-            sizes): its lookup is issued here and finished in `unit`."""
+            unit, looked up before the loop."""
             item = lin // (n_tiles * split)
             if dims.rows_from_sizes:     # global loads, one unit ahead of their use
-                load = lambda i: table_gmem[i]      # noqa: E731
-                if coarse is not None:
-                    return row_search_issue(item, coarse, load, dims.e)
-                return (row_segment(item, load, dims.e, "rway" if first else row_search),)
+                search = "rway" if (warp or first) else row_search
+                return (row_segment(item, lambda i: table_gmem[i], dims.e, search),)
             if dims.rows_mode:
                 return (table_gmem[jnp.minimum(item, n_items - 1)],)
             f = item_fields(item, functools.partial(load_table, warp=warp), dims.m, dims.e, tm,
@@ -556,10 +521,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 # handful of rows with distinct groups (the k experts of one decode token) this skips sorting
                 # the rows and un-sorting the result, and building the item table.
                 # (row_group from the caller is clamped; a searched group is -1 in the zero tail: no matmul)
-                if dims.rows_from_sizes:
-                    gi = row_search_finish(item, raw, dims.e) if len(raw) > 1 else raw[0]
-                else:
-                    gi = jnp.clip(raw[0], 0, dims.e - 1)
+                gi = raw[0] if dims.rows_from_sizes else jnp.clip(raw[0], 0, dims.e - 1)
                 load_start = aligned(item // 8 * 8)
                 offset = item % 8
                 size = jnp.int32(1)
@@ -576,21 +538,18 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
             load then hides behind the unit before; the table search runs where it is issued, ahead of the
             unit's first wait)."""
             sm, num_sms = lax.axis_index("sm"), lax.axis_size("sm")
-            # A memory warp's row search from sizes: the row-independent first round once, here (`fetch`).
-            coarse = (row_search_coarse(lambda i: table_gmem[i], dims.e)
-                      if (dims.rows_from_sizes and warp and DEFER_ROW_SEARCH) else None)
 
             def step(info, carry):
                 count, raw = carry
                 lin = info.index[0]
-                ahead = fetch(lin + num_sms, warp, coarse=coarse)
+                ahead = fetch(lin + num_sms, warp)
                 return body(unit(lin, raw, warp), count), ahead
 
             # Visit only the item indices that can have rows (read from the table: all threads agree).
             extent = (n_items if dims.rows_mode else
                       item_extent(functools.partial(load_table, warp=warp), dims.m, dims.e, tm))
             count, _ = plgpu.nd_loop((extent * (n_tiles * split),), collective_axes="sm",
-                                     init_carry=(jnp.int32(0), fetch(sm, warp, first=True, coarse=coarse)))(step)
+                                     init_carry=(jnp.int32(0), fetch(sm, warp, first=True)))(step)
             return count
 
         # The memory warps each run their own loop over the units (not one shared loop): a warp_map ends with a

@@ -331,19 +331,3 @@ def test_one_row_items_policy_and_config():
     with pytest.raises(ValueError, match="one_row_items takes group_sizes"):
         gm._launch(x, [w.packed], [w.block_scale], [gm.epilogue_row_scale(w.global_scale, e, n)], None,
                    jnp.dtype(jnp.bfloat16), gm.Config(tile_m=8), "linear", None, True, one_row_items=True)
-
-
-@pytest.mark.parametrize("e", [1, 3, 16, 255, 256, 300])
-def test_row_search_in_three_parts_equals_row_segment(e):
-    """The memory warps' deferred row search (coarse entries once, the second round a unit ahead, the select at
-    use) finds the same group as `row_segment`, for any number of groups."""
-    m = 16
-    rng = np.random.default_rng(e)
-    sizes = np.bincount(rng.choice(e, m - 3), minlength=e).astype(np.int32)   # 3 tail rows
-    table = gm.row_start_table(jnp.asarray(sizes), m)
-    load = lambda i: table[i]      # noqa: E731
-    coarse = gm.row_search_coarse(load, e)
-    f = jax.vmap(lambda r: gm.row_search_finish(r, gm.row_search_issue(r, coarse, load, e), e))
-    want = jax.vmap(lambda r: gm.row_segment(r, load, e))(jnp.arange(m))
-    np.testing.assert_array_equal(np.asarray(f(jnp.arange(m))), np.asarray(want))
-    assert (np.asarray(want)[-3:] == -1).all() and (np.asarray(want)[:-3] >= 0).all()
