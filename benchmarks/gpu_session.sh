@@ -2,7 +2,7 @@
 # Everything the GPU machine is needed for, in one call, most important first; each step is bounded so a slow
 # one cannot eat the rest, and each step's log lands in $OUT (or ./out) for RESULTS.md.
 #
-#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests fused experts prefetch ncu_l2 decode decode_b1 decode_ab decode_cb profile ncu kernels sweep breakdown paired
+#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests fused experts prefetch ncu_l2 decode decode_b1 decode_ab decode_cb profile ncu kernels sweep breakdown paired onerow
 #
 # One device call may run 600 s and each step is bounded, so e.g. `decode shard` (~500 s) or `tests` + `experts`
 # (~450 s) fit one call each, and `kernels` (~280 s with every baseline) nearly fills one on its own.
@@ -100,8 +100,14 @@ for s in "${steps[@]}"; do
                   --variants "default,rowsg:split_k=2,cfg:paired_n=true;split_k=4;num_stages=4,rowsg:paired_n=true;split_k=4;num_stages=4,rowsg:paired_n=true;split_k=2;num_stages=4"
              step paired_down 200 python benchmarks/ncu_experts.py --time --tokens-list "${TOKENS:-1,2}" \
                   --variants "default,down:paired_n=true;split_k=4,down:paired_n=true;split_k=2" --copy-tb-s 3.37 ;;
+    onerow)  # the grouped call's one-row items from group sizes (<= 16 rows): its GPU tests, then the automatic
+             # choice against the sorted items (default_config) at T = 1, 2 (CUPTI, per launch)
+             step onerow_tests 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_kernels_grouped.py -k one_row \
+                  --tb=short
+             step onerow_grouped 120 python benchmarks/ncu_experts.py --grouped --tokens-list "${TOKENS:-1,2,1}" \
+                  --variants "${VARIANTS:-auto,default}" ;;
     breakdown) # the grouped call's XLA glue against its kernel, per launch (decode sizes)
              step breakdown 90 python benchmarks/moe_kernels.py --sections breakdown --tokens 1,8,64 --out "$out" ;;
-    *) echo "unknown step $s (sinkhorn shard tests fused experts prefetch ncu_l2 decode decode_b1 decode_ab decode_cb profile ncu kernels sweep breakdown paired)" >&2; exit 2 ;;
+    *) echo "unknown step $s (sinkhorn shard tests fused experts prefetch ncu_l2 decode decode_b1 decode_ab decode_cb profile ncu kernels sweep breakdown paired onerow)" >&2; exit 2 ;;
   esac
 done
