@@ -101,11 +101,12 @@ for s in "${steps[@]}"; do
              step paired_down 200 python benchmarks/ncu_experts.py --time --tokens-list "${TOKENS:-1,2}" \
                   --variants "default,down:paired_n=true;split_k=4,down:paired_n=true;split_k=2" --copy-tb-s 3.37 ;;
     onerow)  # the grouped call's one-row items from group sizes (<= 16 rows): its GPU tests, then the automatic
-             # choice against the sorted items (default_config) at T = 1, 2 (CUPTI, per launch)
+             # choice (the rows' groups searched in-kernel, or computed by XLA: auto:xla) against the sorted items
+             # (default_config) at T = 1, 2 (CUPTI, per launch)
              step onerow_tests 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_kernels_grouped.py -k one_row \
                   --tb=short
              step onerow_grouped 120 python benchmarks/ncu_experts.py --grouped --tokens-list "${TOKENS:-1,2,1}" \
-                  --variants "${VARIANTS:-auto,default}" ;;
+                  --variants "${VARIANTS:-auto,auto:xla,default}" ;;
     breakdown) # the grouped call's XLA glue against its kernel, per launch (decode sizes)
              step breakdown 90 python benchmarks/moe_kernels.py --sections breakdown --tokens 1,8,64 --out "$out" ;;
     *) echo "unknown step $s (sinkhorn shard tests fused experts prefetch ncu_l2 decode decode_b1 decode_ab decode_cb profile ncu kernels sweep breakdown paired onerow)" >&2; exit 2 ;;

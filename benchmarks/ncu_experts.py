@@ -125,7 +125,7 @@ def _set_variant(variant):
 _DEFAULTS = (fused_moe.ROWS_MODE_MAX_ROWS, fused_moe.ROWS_TILE_M, fused_moe._rows_tile, fused_moe.PREFETCH_DOWN,
              fused_moe.PDL)
 _DEFAULT_CONFIG = gm.default_config
-_ROW_SEARCH = gm.ROW_SEARCH
+_ROW_SEARCH, _ONE_ROW_TABLE = gm.ROW_SEARCH, gm.ONE_ROW_TABLE
 _PREFETCH_VARIANTS = {"pf_none": False, "pf_loads": True}
 _ABLATE_VARIANTS = {"ablate_decode": frozenset({"decode"}), "ablate_store": frozenset({"store"}),
                     "ablate_both": frozenset({"decode", "store"})}
@@ -258,7 +258,9 @@ def time_grouped(tokens, variants):
                 cfg = dataclasses.replace(base, tile_m=8, **_config_fields(name.partition(":")[2]))
             if name.startswith("auto"):     # grouped_matmul's own choice (one-row items for <= 16 rows), no
                 cfg = "auto"                # config; auto:SEARCH sets the compute warpgroups' row search
-                gm.ROW_SEARCH = name.partition(":")[2] or _ROW_SEARCH     # auto[:binary|rway]
+                opt = name.partition(":")[2]        # auto[:binary|rway|xla]
+                gm.ROW_SEARCH = opt if opt in ("binary", "rway") else _ROW_SEARCH
+                gm.ONE_ROW_TABLE = "xla" if opt == "xla" else _ONE_ROW_TABLE
             if cfg is None:
                 raise ValueError(f"unknown grouped variant {name!r} (auto, default, tile8, rows, cfg:FIELD=V;..., "
                                  f"rows:FIELD=V;..., rowsg:FIELD=V;...; +decode:store ablates)")
@@ -283,7 +285,7 @@ def time_grouped(tokens, variants):
             print(f"| {name} | {abl or '-'} | {t} | {m} | {int((gs_np > 0).sum())} | {call:.4f} | "
                   f"{', '.join(f'{nm[:24]} {v:.4f}' for nm, v in kern)} | {byts / (call * 1e9):.3f} |", flush=True)
     gm.ABLATE = frozenset()
-    gm.ROW_SEARCH = _ROW_SEARCH
+    gm.ROW_SEARCH, gm.ONE_ROW_TABLE = _ROW_SEARCH, _ONE_ROW_TABLE
 
 
 def _config_fields(spec: str) -> dict:

@@ -75,6 +75,12 @@ _WG_SEARCH = "binary"
 # "rway"; splitting it so that they never stall on it (the row-independent first round once per warp, the second
 # a unit ahead) made the kernel 1.3 us slower there, and was removed.
 ROW_SEARCH = "binary"
+# Where one-row items from group sizes find their rows' groups. "search": in the kernel, over `row_start_table`
+# (one XLA launch before the kernel); "xla": XLA computes them (`row_groups_of_sizes`, two launches) and each thread
+# loads its row's with one load, as the row_group of `fused_moe` (the kernel then ran 20.8 us at T = 1 against the
+# search's 23.3, H200, RESULTS.md eighteenth session). Untimed as a whole call: "search" stays the default until it
+# is.
+ONE_ROW_TABLE = "search"
 _WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
 # Diagnostics only (the results are WRONG while set): parts of the kernel's work to skip, to time what remains
 # (benchmarks/ncu_experts.py --variants ablate_*). "decode": the wgmma operand is the raw code words (the SMEM
@@ -254,6 +260,18 @@ def row_start_table(group_sizes: jax.Array, m: int) -> jax.Array:
     return _exclusive_prefix(sizes[None])[0]
 
 
+def row_groups_of_sizes(group_sizes: jax.Array, m: int) -> jax.Array:
+    """int32 [M]: each sorted row's group, -1 past sum(group_sizes). Two XLA launches (the segment starts, then a
+    count of the starts at or before each row: a reduction cannot feed another inside one fusion)."""
+    e = group_sizes.shape[0]
+    starts = row_start_table(group_sizes, m)[1:e + 1]                                     # segments 1 .. E
+    # Each start at or before the row counts 1, the tail's (segment E) counts -E: a tail row, at or after every
+    # start, sums (E - 1) - E = -1. (The -1 as a select after the sum would be an XLA launch of its own.)
+    weight = jnp.where(jnp.arange(1, e + 1) < e, 1, -e).astype(jnp.int32)                 # [E]
+    before = starts[None, :] <= jnp.arange(m, dtype=jnp.int32)[:, None]                     # [M, E]
+    return jnp.sum(jnp.where(before, weight[None, :], 0), axis=1)
+
+
 def segment_search(load, value, num_groups: int, search: str = "rway"):
     """The last segment s in [0, E] whose entry load(s) is <= value, for entries non-decreasing in s (segment
     starts, in rows or in item indices). Returns (s, load(s)). Scalar jnp code (runs in every thread).
@@ -350,6 +368,9 @@ class _Dims:
     # `row_start_table` and each thread finds its row's group by a search over it (`row_segment`); rows past
     # sum(group_sizes) get group -1 and zero output.
     rows_from_sizes: bool = False
+    # Rows mode whose row_group may hold -1 (rows past sum(group_sizes): no matmul, zero output) instead of being
+    # clamped to [0, E): `row_groups_of_sizes`' table (ONE_ROW_TABLE = "xla").
+    row_tail: bool = False
     split_k: int = 1          # > 1: each unit sums K / split_k; fp32 partials [split_k, M, nw * N] are the output
     prefetch_rows: int = 0    # rows mode: L2-prefetch the next kernel's weight [E, N2, K2] of the first rows' groups
     # Rows mode: where the activation comes from. "tma": the prepared operand (`prepare_activation`), loaded by TMA.
@@ -524,7 +545,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 # handful of rows with distinct groups (the k experts of one decode token) this skips sorting
                 # the rows and un-sorting the result, and building the item table.
                 # (row_group from the caller is clamped; a searched group is -1 in the zero tail: no matmul)
-                gi = raw[0] if dims.rows_from_sizes else jnp.clip(raw[0], 0, dims.e - 1)
+                gi = raw[0] if (dims.rows_from_sizes or dims.row_tail) else jnp.clip(raw[0], 0, dims.e - 1)
                 load_start = aligned(item // 8 * 8)
                 offset = item % 8
                 size = jnp.int32(1)
@@ -1189,7 +1210,12 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
                              f"{x.shape[0]}")
         xp = x
         mp = xp.shape[0]
-    if one_row_items:
+    table_in_kernel = one_row_items and ONE_ROW_TABLE == "search"
+    if one_row_items and not table_in_kernel:
+        if ONE_ROW_TABLE != "xla":
+            raise ValueError(f"ONE_ROW_TABLE must be 'search' or 'xla', got {ONE_ROW_TABLE!r}")
+        table, n_items = row_groups_of_sizes(group_sizes, m), m
+    elif one_row_items:
         table, n_items = row_start_table(group_sizes, m), m
     elif row_group is None:
         if 2 * _table_width(e) // _TABLE_COLS > 256:     # one TMA box
@@ -1219,7 +1245,8 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
             raise ValueError("l2_prefetch needs rows mode (row_group): sorted groups are not known per row")
         pf_rows = prefetch_rows_for(l2_prefetch[0].shape, m)
     dims = _Dims(m=m, k=k, n=n, e=e, num_weights=nw, row_scale_per_row=per_row, out_dtype=out_dtype,
-                 n_items=n_items, rows_mode=rows_mode, rows_from_sizes=one_row_items, split_k=split,
+                 n_items=n_items, rows_mode=rows_mode, rows_from_sizes=table_in_kernel,
+                 row_tail=one_row_items and not table_in_kernel, split_k=split,
                  prefetch_rows=pf_rows,
                  x_source=x_source, rows_per_token=rows_per_token,
                  x_limit=float(x_limit) if (x_limit is not None and x_limit > 0) else None,

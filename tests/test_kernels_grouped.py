@@ -287,6 +287,9 @@ def test_row_segment_finds_every_rows_group(sizes, m):
     ends = np.minimum(np.cumsum(np.maximum(sizes, 0)), m)
     want = np.searchsorted(ends, np.arange(m), side="right")
     np.testing.assert_array_equal(got, np.where(want < e, want, -1))
+    # The same groups computed by XLA (ONE_ROW_TABLE = "xla")
+    np.testing.assert_array_equal(np.asarray(jax.jit(gm.row_groups_of_sizes, static_argnums=1)(
+        jnp.asarray(sizes), m)), np.where(want < e, want, -1))
 
 
 @pytest.mark.parametrize("m,sizes,shape,cfg,mode", [
@@ -298,7 +301,9 @@ def test_row_segment_finds_every_rows_group(sizes, m):
     (4, [0, 0, 1], (3, 128, 512), gm.Config(tile_m=8, num_stages=2), "w4a16"),    # one N tile, no split; 3 tail
     (3, [0, 0, 0], (3, 128, 512), gm.Config(tile_m=8, num_stages=2, split_k=2), "w4a16"),   # all zero tail
 ])
-def test_one_row_items_from_group_sizes_match_reference(m, sizes, shape, cfg, mode):
+@pytest.mark.parametrize("table", ["search", "xla"])
+def test_one_row_items_from_group_sizes_match_reference(m, sizes, shape, cfg, mode, table, monkeypatch):
+    monkeypatch.setattr(gm, "ONE_ROW_TABLE", table)
     e, n, k = shape
     kx, kw = jax.random.split(jax.random.PRNGKey(30 + m))
     w = _weight(kw, e, n, k, per_row=mode == "per_row")

@@ -187,7 +187,9 @@ CASES_ONE_ROW = [
 
 @pytest.mark.parametrize("m,sizes,shape", CASES_ONE_ROW)
 @pytest.mark.parametrize("mode", ["w4a16", "w4a16_per_row"])
-def test_one_row_items_match_reference(m, sizes, shape, mode):
+@pytest.mark.parametrize("table", ["search", "xla"])
+def test_one_row_items_match_reference(m, sizes, shape, mode, table, monkeypatch):
+    monkeypatch.setattr(gm, "ONE_ROW_TABLE", table)     # read at trace time: the rows' groups in-kernel or by XLA
     e, n, k = shape
     if sizes == "distinct":
         sizes = np.zeros(e, np.int32)
