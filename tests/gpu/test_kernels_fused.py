@@ -21,6 +21,27 @@ def _experts(key, e, d, i, w4a4):
     return q(ks[0], (e, i, d), 0.05), q(ks[1], (e, i, d), 0.05), q(ks[2], (e, d, i), 0.05)
 
 
+def _distinct_routing(seed, t, e, k):
+    """[T, k] int32: each token's k distinct experts."""
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]), jnp.int32)
+
+
+def _tokens(key_weights, key_x, t, k, d, scale=1.0):
+    """Routing weights [T, k] (softmax) and bf16 tokens [T, D]."""
+    tw = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(key_weights), (t, k)), -1)
+    x = (scale * jax.random.normal(jax.random.PRNGKey(key_x), (t, d))).astype(jnp.bfloat16)
+    return tw, x
+
+
+def _poison(rows, d):
+    """Free a NaN buffer of the output's size just before a call: the allocator hands that memory to the output,
+    so an element the kernels skip stays NaN."""
+    buf = jnp.full((rows, d), jnp.nan, jnp.bfloat16)
+    buf.block_until_ready()
+    buf.delete()
+
+
 @pytest.mark.parametrize("t", [1, 37, 300, 1100])      # 1100: 4400 rows, the prefill configs (natural K)
 @pytest.mark.parametrize("w4a4", [False, True])
 def test_fused_moe_matches_reference(t, w4a4):
@@ -30,7 +51,7 @@ def test_fused_moe_matches_reference(t, w4a4):
     idx = jnp.asarray(np.argsort(rng.random((t, e)) * rng.dirichlet(np.full(e, 0.3)), axis=1)[:, -k:], jnp.int32)
     tw = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(1), (t, k)), -1)
     x = jax.random.normal(jax.random.PRNGKey(2), (t, d)).astype(jnp.bfloat16)
-    buf = jnp.full((t, d), jnp.nan, jnp.bfloat16); buf.block_until_ready(); buf.delete()
+    _poison(t, d)
     assert dispatch.kernels_enabled()
     out = np.asarray(dispatch.moe_experts(x, w1, w3, w2, idx, tw, 7.0).astype(jnp.float32))
     ref = np.asarray(fused_moe.reference(x, w1, w3, w2, idx, tw, 7.0, out_dtype=jnp.float32))
@@ -62,7 +83,7 @@ def test_fused_moe_row_items_and_sorted_agree(t, rows_mode, w4a4):
     idx = jnp.asarray(idx, jnp.int32)
     tw = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(3), (t, k)), -1)
     x = jax.random.normal(jax.random.PRNGKey(4), (t, d)).astype(jnp.bfloat16)
-    buf = jnp.full((t * k, d), jnp.nan, jnp.bfloat16); buf.block_until_ready(); buf.delete()
+    _poison(t * k, d)
     out = np.asarray(jax.jit(lambda *a: fused_moe.moe_experts(*a, 7.0, rows_mode=rows_mode))(
         x, w1, w3, w2, idx, tw).astype(jnp.float32))
     ref = np.asarray(fused_moe.reference(x, w1, w3, w2, idx, tw, 7.0, out_dtype=jnp.float32))
@@ -77,10 +98,8 @@ def test_fused_moe_pipelined_k_loop_on_gpu(t):
     from pallas_kernels import grouped_matmul as gm
     e, d, i, k = 32, 4096, 2048, 4
     w1, w3, w2 = _experts(jax.random.PRNGKey(20 + t), e, d, i, False)
-    rng = np.random.default_rng(t)
-    idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]), jnp.int32)
-    tw = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(5), (t, k)), -1)
-    x = jax.random.normal(jax.random.PRNGKey(6), (t, d)).astype(jnp.bfloat16)
+    idx = _distinct_routing(t, t, e, k)
+    tw, x = _tokens(5, 6, t, k, d)
     cfg = gm.Config(tile_m=8 if t == 1 else 16, num_stages=4, overlap_mma=True)
     out = np.asarray(jax.jit(lambda *a: fused_moe.moe_experts(*a, 7.0, config=cfg))(
         x, w1, w3, w2, idx, tw).astype(jnp.float32))
@@ -96,12 +115,10 @@ def test_fused_moe_four_compute_warpgroups_on_gpu(t, rows_mode):
     from pallas_kernels import grouped_matmul as gm
     e, d, i, k = 32, 4096, 2048, 4
     w1, w3, w2 = _experts(jax.random.PRNGKey(30 + t), e, d, i, t == 2)
-    rng = np.random.default_rng(t)
-    idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]), jnp.int32)
-    tw = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(7), (t, k)), -1)
-    x = jax.random.normal(jax.random.PRNGKey(8), (t, d)).astype(jnp.bfloat16)
+    idx = _distinct_routing(t, t, e, k)
+    tw, x = _tokens(7, 8, t, k, d)
     cfg = gm.Config(tile_m=8 if rows_mode else 16, num_stages=3, split_k=2 if t < 37 else 1, compute_wgs=4)
-    buf = jnp.full((t * k, d), jnp.nan, jnp.bfloat16); buf.block_until_ready(); buf.delete()
+    _poison(t * k, d)
     out = np.asarray(jax.jit(lambda *a: fused_moe.moe_experts(*a, 7.0, config=cfg, rows_mode=rows_mode))(
         x, w1, w3, w2, idx, tw).astype(jnp.float32))
     ref = np.asarray(fused_moe.reference(x, w1, w3, w2, idx, tw, 7.0, out_dtype=jnp.float32))
@@ -115,14 +132,12 @@ def test_fused_moe_down_weight_prefetch_changes_no_bit(t):
     same, bit for bit, as without it, and matches the reference (V4-Flash widths, 256 experts, top-6)."""
     e, d, i, k = 256, 4096, 2048, 6
     w1, w3, w2 = _experts(jax.random.PRNGKey(20 + t), e, d, i, False)
-    rng = np.random.default_rng(20 + t)
-    idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]), jnp.int32)
-    tw = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(5), (t, k)), -1)
-    x = jax.random.normal(jax.random.PRNGKey(6), (t, d)).astype(jnp.bfloat16)
+    idx = _distinct_routing(20 + t, t, e, k)
+    tw, x = _tokens(5, 6, t, k, d)
     run = lambda pf: np.asarray(jax.jit(lambda *a: fused_moe.moe_experts(*a, 7.0, rows_mode=True,
                                                                            prefetch_down=pf))(
         x, w1, w3, w2, idx, tw).astype(jnp.float32))
-    buf = jnp.full((t * k, d), jnp.nan, jnp.bfloat16); buf.block_until_ready(); buf.delete()
+    _poison(t * k, d)
     out = run(True)
     ref = np.asarray(fused_moe.reference(x, w1, w3, w2, idx, tw, 7.0, out_dtype=jnp.float32))
     assert np.isfinite(out).all()
@@ -139,16 +154,14 @@ def test_fused_moe_in_kernel_activations_on_gpu(t, split, limit, monkeypatch):
     from pallas_kernels import grouped_matmul as gm
     e, d, i, k = 64, 4096, 2048, 6
     w1, w3, w2 = _experts(jax.random.PRNGKey(40 + t), e, d, i, False)
-    rng = np.random.default_rng(40 + t)
-    idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]), jnp.int32)
-    tw = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(9), (t, k)), -1)
-    x = (3 * jax.random.normal(jax.random.PRNGKey(10), (t, d))).astype(jnp.bfloat16)
+    idx = _distinct_routing(40 + t, t, e, k)
+    tw, x = _tokens(9, 10, t, k, d, scale=3.0)
     cfg = None if split is None else gm.Config(tile_m=8, num_stages=4, split_k=split, compute_wgs=4)
 
     def run(in_kernel):     # the switch is read at trace time; monkeypatch restores it after the test
         monkeypatch.setattr(fused_moe, "IN_KERNEL_ACTIVATIONS", in_kernel)
         f = jax.jit(lambda *a: fused_moe.moe_experts(*a, limit, config=cfg, rows_mode=True))
-        buf = jnp.full((t * k, d), jnp.nan, jnp.bfloat16); buf.block_until_ready(); buf.delete()
+        _poison(t * k, d)
         return np.asarray(f(x, w1, w3, w2, idx, tw).astype(jnp.float32))
 
     out, old = run(True), run(False)
@@ -172,10 +185,8 @@ def test_fused_moe_pdl_matches_serial_launch_on_gpu(t, monkeypatch):
     from megamoe_jax.quant.nvfp4 import NVFP4Tensor
     e, d, i, k = 64, 4096, 2048, 6
     w1, w3, w2 = _experts(jax.random.PRNGKey(50 + t), e, d, i, False)
-    rng = np.random.default_rng(50 + t)
-    idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]), jnp.int32)
-    tw = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(11), (t, k)), -1)
-    x = (3 * jax.random.normal(jax.random.PRNGKey(12), (t, d))).astype(jnp.bfloat16)
+    idx = _distinct_routing(50 + t, t, e, k)
+    tw, x = _tokens(11, 12, t, k, d, scale=3.0)
 
     def layers(x, w1, w3, w2, idx, tw):
         for layer in range(3):
@@ -187,7 +198,7 @@ def test_fused_moe_pdl_matches_serial_launch_on_gpu(t, monkeypatch):
 
     def run(pdl):
         monkeypatch.setattr(fused_moe, "PDL", pdl)
-        buf = jnp.full((t * k, d), jnp.nan, jnp.bfloat16); buf.block_until_ready(); buf.delete()
+        _poison(t * k, d)
         return np.asarray(jax.jit(layers)(x, w1, w3, w2, idx, tw).astype(jnp.float32))
 
     early, serial = run(True), run(False)
