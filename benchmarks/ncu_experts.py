@@ -50,7 +50,7 @@ def main():
                     help="time moe_kernels' grouped call ([T*6, 4096] x NVFP4 [256, 4096, 4096], skewed routing) at "
                          "--tokens-list: the default config, 8-row tiles, and one-row items (rows mode, groups "
                          "from group_sizes); per launch and per kernel. --variants: auto (grouped_matmul's own "
-                         "choice, e.g. one-row items from group sizes), default (default_config, sorted), tile8, rows, "
+                         "choice, e.g. one-row items from group sizes; auto:xla with ONE_ROW_TABLE='xla'), default (default_config, sorted), tile8, rows, "
                          "cfg:F=V;..., rows:F=V;... (rows mode with these Config fields), rowsg:F=V;... (the same "
                          "with the in-kernel gather of x), each optionally +decode:store (ablations)")
     ap.add_argument("--copy-tb-s", type=float, default=3.29, help="copy rate for the floor (measured, sustained)")
@@ -125,7 +125,7 @@ def _set_variant(variant):
 _DEFAULTS = (fused_moe.ROWS_MODE_MAX_ROWS, fused_moe.ROWS_TILE_M, fused_moe._rows_tile, fused_moe.PREFETCH_DOWN,
              fused_moe.PDL)
 _DEFAULT_CONFIG = gm.default_config
-_ROW_SEARCH, _ONE_ROW_TABLE = gm.ROW_SEARCH, gm.ONE_ROW_TABLE
+_ONE_ROW_TABLE = gm.ONE_ROW_TABLE
 _PREFETCH_VARIANTS = {"pf_none": False, "pf_loads": True}
 _ABLATE_VARIANTS = {"ablate_decode": frozenset({"decode"}), "ablate_store": frozenset({"store"}),
                     "ablate_both": frozenset({"decode", "store"})}
@@ -256,11 +256,9 @@ def time_grouped(tokens, variants):
                 cfg = dataclasses.replace(base, **_config_fields(name[4:]))
             if name.startswith(("rows:", "rowsg:")):     # rows mode (rowsg: in-kernel gather) with these fields
                 cfg = dataclasses.replace(base, tile_m=8, **_config_fields(name.partition(":")[2]))
-            if name.startswith("auto"):     # grouped_matmul's own choice (one-row items for <= 16 rows), no
-                cfg = "auto"                # config; auto:SEARCH sets the compute warpgroups' row search
-                opt = name.partition(":")[2]        # auto[:binary|rway|xla]
-                gm.ROW_SEARCH = opt if opt in ("binary", "rway") else _ROW_SEARCH
-                gm.ONE_ROW_TABLE = "xla" if opt == "xla" else _ONE_ROW_TABLE
+            if name in ("auto", "auto:xla"):   # grouped_matmul's own choice (one-row items for <= 16 rows), no
+                cfg = "auto"                    # config; auto:xla: the rows' groups from XLA (ONE_ROW_TABLE)
+                gm.ONE_ROW_TABLE = "xla" if name == "auto:xla" else _ONE_ROW_TABLE
             if cfg is None:
                 raise ValueError(f"unknown grouped variant {name!r} (auto, default, tile8, rows, cfg:FIELD=V;..., "
                                  f"rows:FIELD=V;..., rowsg:FIELD=V;...; +decode:store ablates)")
@@ -268,7 +266,7 @@ def time_grouped(tokens, variants):
                 gather = name.startswith("rowsg")
 
                 def f(x, gs, w, cfg=cfg, gather=gather):
-                    row_group = jnp.searchsorted(jnp.cumsum(gs), jnp.arange(m), side="right").astype(jnp.int32)
+                    row_group = gm.row_groups_of_sizes(gs, m)     # two small launches
                     return gm._launch(x, [w.packed], [w.block_scale], [rs], None, jnp.dtype(jnp.bfloat16), cfg,
                                       "linear", None, False, row_group=row_group,
                                       **(dict(m=m, x_source="gather") if gather else {}))
@@ -285,7 +283,7 @@ def time_grouped(tokens, variants):
             print(f"| {name} | {abl or '-'} | {t} | {m} | {int((gs_np > 0).sum())} | {call:.4f} | "
                   f"{', '.join(f'{nm[:24]} {v:.4f}' for nm, v in kern)} | {byts / (call * 1e9):.3f} |", flush=True)
     gm.ABLATE = frozenset()
-    gm.ROW_SEARCH, gm.ONE_ROW_TABLE = _ROW_SEARCH, _ONE_ROW_TABLE
+    gm.ONE_ROW_TABLE = _ONE_ROW_TABLE
 
 
 def _config_fields(spec: str) -> dict:

@@ -68,13 +68,12 @@ _WGMMA = plgpu.Layout.WGMMA
 # warpgroups took 31.2 / 147.6 / 418.1 us at T = 1 / 8 / 64 where the 17-way one took 32.2 / 150.5 / 430.6.
 _WARP_SEARCH = "rway"
 _WG_SEARCH = "binary"
-# One-row items from group sizes: how the compute warpgroups search `row_start_table` in global memory after their
-# first unit (which always takes "rway": two rounds of L2 latency at the start). "binary": nine dependent rounds
-# that hit L1 once the table's 1 KB is there, ~70 instructions; "rway" ~350 instructions in each of the 16 compute
-# warps per unit. The same time at T = 1 and 2 (H200, RESULTS.md eighteenth session). The memory warps always take
-# "rway"; splitting it so that they never stall on it (the row-independent first round once per warp, the second
-# a unit ahead) made the kernel 1.3 us slower there, and was removed.
-ROW_SEARCH = "binary"
+# One-row items from group sizes search `row_start_table` in global memory: the memory warps and every thread's
+# first unit with "rway" (two rounds of L2 latency), the compute warpgroups' later units with "binary" (nine
+# dependent rounds that hit L1 once the table's 1 KB is there, ~70 instructions against rway's ~350 in each of the
+# 16 compute warps). Both forms took the same time at T = 1 and 2 (H200, RESULTS.md eighteenth session); splitting
+# the memory warps' search so that they never stall on it (the row-independent first round once per warp, the
+# second a unit ahead) made the kernel 1.3 us slower, and was removed.
 # Where one-row items from group sizes find their rows' groups. "search": in the kernel, over `row_start_table`
 # (one XLA launch before the kernel); "xla": XLA computes them (`row_groups_of_sizes`, two launches) and each thread
 # loads its row's with one load, as the row_group of `fused_moe` (the kernel then ran 20.8 us at T = 1 against the
@@ -448,7 +447,6 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
     release_after = [st for st in range(k_iters) if st not in released]
 
     pdl_wait = dims.pdl_wait and not interpret
-    row_search = ROW_SEARCH
     pdl_wait_if = (lambda: plgpu.griddepcontrol_wait()) if pdl_wait else (lambda: None)
 
     def kernel(table_gmem, x_gmem, *refs):
@@ -523,7 +521,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
             unit, looked up before the loop."""
             item = lin // (n_tiles * split)
             if dims.rows_from_sizes:     # global loads, one unit ahead of their use
-                search = "rway" if (warp or first) else row_search
+                search = "rway" if (warp or first) else "binary"
                 return (row_segment(item, lambda i: table_gmem[i], dims.e, search),)
             if dims.rows_mode:
                 return (table_gmem[jnp.minimum(item, n_items - 1)],)
