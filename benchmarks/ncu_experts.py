@@ -50,7 +50,7 @@ def main():
                     help="time moe_kernels' grouped call ([T*6, 4096] x NVFP4 [256, 4096, 4096], skewed routing) at "
                          "--tokens-list: the default config, 8-row tiles, and one-row items (rows mode, groups "
                          "from group_sizes); per launch and per kernel. --variants: auto (grouped_matmul's own "
-                         "choice, e.g. one-row items from group sizes; auto:xla with ONE_ROW_TABLE='xla'), default (default_config, sorted), tile8, rows, "
+                         "choice, e.g. one-row items from group sizes; auto:TABLE with ONE_ROW_TABLE=TABLE: search, xla or smem), default (default_config, sorted), tile8, rows, "
                          "cfg:F=V;..., rows:F=V;... (rows mode with these Config fields), rowsg:F=V;... (the same "
                          "with the in-kernel gather of x), each optionally +decode:store (ablations)")
     ap.add_argument("--copy-tb-s", type=float, default=3.29, help="copy rate for the floor (measured, sustained)")
@@ -256,9 +256,9 @@ def time_grouped(tokens, variants):
                 cfg = dataclasses.replace(base, **_config_fields(name[4:]))
             if name.startswith(("rows:", "rowsg:")):     # rows mode (rowsg: in-kernel gather) with these fields
                 cfg = dataclasses.replace(base, tile_m=8, **_config_fields(name.partition(":")[2]))
-            if name in ("auto", "auto:xla"):   # grouped_matmul's own choice (one-row items for <= 16 rows), no
-                cfg = "auto"                    # config; auto:xla: the rows' groups from XLA (ONE_ROW_TABLE)
-                gm.ONE_ROW_TABLE = "xla" if name == "auto:xla" else _ONE_ROW_TABLE
+            if name == "auto" or name.startswith("auto:"):   # grouped_matmul's own choice (one-row items for
+                cfg = "auto"        # <= 16 rows), no config; auto:TABLE sets ONE_ROW_TABLE (search, xla, smem)
+                gm.ONE_ROW_TABLE = name.partition(":")[2] or _ONE_ROW_TABLE
             if cfg is None:
                 raise ValueError(f"unknown grouped variant {name!r} (auto, default, tile8, rows, cfg:FIELD=V;..., "
                                  f"rows:FIELD=V;..., rowsg:FIELD=V;...; +decode:store ablates)")

@@ -56,6 +56,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import activation_tile
 from pallas_kernels import nvfp4_decode
+from pallas_kernels import row_table
 
 _ROW_SLOTS = 2                      # 64-row weight slices per CTA tile (each owned by 1 or 2 compute warpgroups)
 _WG_ROWS = 64                       # weight rows per compute warpgroup (wgmma M)
@@ -77,9 +78,11 @@ _WG_SEARCH = "binary"
 # Where one-row items from group sizes find their rows' groups. "search": in the kernel, over `row_start_table`
 # (one XLA launch before the kernel); "xla": XLA computes them (`row_groups_of_sizes`, two launches) and each thread
 # loads its row's with one load, as the row_group of `fused_moe` (the kernel then ran 20.8 us at T = 1 against the
-# search's 23.3, H200, RESULTS.md eighteenth session). Untimed as a whole call: "search" stays the default until it
-# is.
+# search's 23.3, H200, RESULTS.md eighteenth session); "smem": no XLA launch, warp 3 of each CTA builds the table
+# in shared memory from group_sizes (`row_table.py`) and every other warp reads its row's group there (interpret
+# mode, and more than row_table.MAX_GROUPS groups, take "xla").
 ONE_ROW_TABLE = "search"
+_ONE_ROW_TABLES = ("search", "xla", "smem")
 _WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
 # Diagnostics only (the results are WRONG while set): parts of the kernel's work to skip, to time what remains
 # (benchmarks/ncu_experts.py --variants ablate_*). "decode": the wgmma operand is the raw code words (the SMEM
@@ -370,6 +373,10 @@ class _Dims:
     # Rows mode whose row_group may hold -1 (rows past sum(group_sizes): no matmul, zero output) instead of being
     # clamped to [0, E): `row_groups_of_sizes`' table (ONE_ROW_TABLE = "xla").
     row_tail: bool = False
+    # Rows mode from group sizes with the rows' groups built in shared memory by warp 3 of the memory warpgroup
+    # (`row_table.build`, ONE_ROW_TABLE = "smem"): the table operand is group_sizes itself, every other warp waits
+    # for the table once and reads its row's group with one shared-memory load; -1 past sum(group_sizes).
+    row_table_smem: bool = False
     split_k: int = 1          # > 1: each unit sums K / split_k; fp32 partials [split_k, M, nw * N] are the output
     prefetch_rows: int = 0    # rows mode: L2-prefetch the next kernel's weight [E, N2, K2] of the first rows' groups
     # Rows mode: where the activation comes from. "tma": the prepared operand (`prepare_activation`), loaded by TMA.
@@ -467,6 +474,12 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 _prefetch_rows_l2(table_gmem, pf_packed, pf_scales, dims.prefetch_rows, _num_sms())
         if not dims.rows_mode:     # the item table: searched for every unit (`item_fields`)
             scratch, (t_smem, t_bar) = scratch[:-2], scratch[-2:]
+        if dims.row_table_smem:    # the rows' groups, built by warp 3 (`row_table.build`), and its "ready" barrier
+            scratch, (rt_smem, rt_bar) = scratch[:-2], scratch[-2:]
+
+        def wait_row_table():
+            if dims.row_table_smem:
+                plgpu.barrier_wait(rt_bar)
 
         def load_table(i, warp):
             # The compute warpgroups read a copy in SMEM (TMA'd once) with a binary search; Mosaic GPU has no
@@ -520,6 +533,9 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
             """The item fields of unit lin (any index past the end: the values go unused). first: the SM's first
             unit, looked up before the loop."""
             item = lin // (n_tiles * split)
+            if dims.row_table_smem:      # one shared-memory load (any index past the end reads the last row)
+                i = jnp.minimum(item, dims.m - 1)
+                return (row_table.load(rt_smem, i),)
             if dims.rows_from_sizes:     # global loads, one unit ahead of their use
                 search = "rway" if (warp or first) else "binary"
                 return (row_segment(item, lambda i: table_gmem[i], dims.e, search),)
@@ -672,6 +688,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
 
         @pl.when(wg < cwgs)
         def _compute_wgs():
+            wait_row_table()    # (before setmaxnreg: after it, ptxas spilled 28 bytes in a deviceless compile)
             plgpu.set_max_registers(compute_regs, action="increase")    # once, before the loop (it synchronises)
             pdl_wait_if()       # the row scales and everything after them: the previous kernels' results
             if not dims.rows_mode:
@@ -690,6 +707,13 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         @pl.when(wg == cwgs)
         def _memory_wg():
             plgpu.set_max_registers(memory_regs, action="decrease")
+            if dims.row_table_smem:
+                # Each of the four warps builds the whole table (the same values into the same words), so each
+                # reads only its own writes and none waits on a barrier (a wait in the loader warps made ptxas
+                # spill 28 bytes at 64 registers, deviceless compile); the compute warpgroups wait for this
+                # warpgroup's arrival, made after the first warp's writes.
+                row_table.build(table_gmem, rt_smem, dims.m)
+                plgpu.barrier_arrive(rt_bar)
             if not dims.rows_mode:
                 # For the compute warpgroups; the warps read global memory and start at once (this thread
                 # observes the barrier's phase after them).
@@ -846,6 +870,8 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
         scratch.append(plgpu.SMEM((cwgs, max(nw, unroll), _WG_ROWS, tk), jnp.bfloat16))
     if not dims.rows_mode:
         scratch += [plgpu.SMEM((2 * _table_width(dims.e) // _TABLE_COLS, _TABLE_COLS), jnp.int32), plgpu.Barrier()]
+    if dims.row_table_smem:
+        scratch += [plgpu.SMEM((dims.m,), jnp.int32), plgpu.Barrier()]
     return kernel, scratch
 
 
@@ -1208,10 +1234,15 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
                              f"{x.shape[0]}")
         xp = x
         mp = xp.shape[0]
-    table_in_kernel = one_row_items and ONE_ROW_TABLE == "search"
-    if one_row_items and not table_in_kernel:
-        if ONE_ROW_TABLE != "xla":
-            raise ValueError(f"ONE_ROW_TABLE must be 'search' or 'xla', got {ONE_ROW_TABLE!r}")
+    if ONE_ROW_TABLE not in _ONE_ROW_TABLES:
+        raise ValueError(f"ONE_ROW_TABLE must be one of {_ONE_ROW_TABLES}, got {ONE_ROW_TABLE!r}")
+    table_mode = ONE_ROW_TABLE if one_row_items else None
+    if table_mode == "smem" and (interpret or x_source == "swiglu" or row_table.supported(m, e) is not None):
+        table_mode = "xla"      # no warp code in interpret mode; warp 3 loads x for "swiglu"; too many groups
+    table_in_kernel = table_mode == "search"
+    if table_mode == "smem":
+        table, n_items = group_sizes.astype(jnp.int32), m
+    elif table_mode == "xla":
         table, n_items = row_groups_of_sizes(group_sizes, m), m
     elif one_row_items:
         table, n_items = row_start_table(group_sizes, m), m
@@ -1244,7 +1275,7 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
         pf_rows = prefetch_rows_for(l2_prefetch[0].shape, m)
     dims = _Dims(m=m, k=k, n=n, e=e, num_weights=nw, row_scale_per_row=per_row, out_dtype=out_dtype,
                  n_items=n_items, rows_mode=rows_mode, rows_from_sizes=table_in_kernel,
-                 row_tail=one_row_items and not table_in_kernel, split_k=split,
+                 row_tail=table_mode in ("xla", "smem"), row_table_smem=table_mode == "smem", split_k=split,
                  prefetch_rows=pf_rows,
                  x_source=x_source, rows_per_token=rows_per_token,
                  x_limit=float(x_limit) if (x_limit is not None and x_limit > 0) else None,

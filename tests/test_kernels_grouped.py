@@ -301,7 +301,7 @@ def test_row_segment_finds_every_rows_group(sizes, m):
     (4, [0, 0, 1], (3, 128, 512), gm.Config(tile_m=8, num_stages=2), "w4a16"),    # one N tile, no split; 3 tail
     (3, [0, 0, 0], (3, 128, 512), gm.Config(tile_m=8, num_stages=2, split_k=2), "w4a16"),   # all zero tail
 ])
-@pytest.mark.parametrize("table", ["search", "xla"])
+@pytest.mark.parametrize("table", ["search", "xla", "smem"])     # smem: interpret mode takes the xla table
 def test_one_row_items_from_group_sizes_match_reference(m, sizes, shape, cfg, mode, table, monkeypatch):
     monkeypatch.setattr(gm, "ONE_ROW_TABLE", table)
     e, n, k = shape

@@ -182,18 +182,22 @@ CASES_ONE_ROW = [
     (16, "distinct", (32, 1024, 4096)),
     (5, [0, 2, 0, 3, 0], (5, 128, 1024)),               # one 128-row N tile: not paired
     (3, [0, 0, 0], (3, 256, 512)),                      # every row in the zero tail
-]
+    (9, "skewed300", (300, 256, 512)),                  # 300 groups (lanes of 10, the last lanes short), a size
+]                                                       # past M
 
 
 @pytest.mark.parametrize("m,sizes,shape", CASES_ONE_ROW)
 @pytest.mark.parametrize("mode", ["w4a16", "w4a16_per_row"])
-@pytest.mark.parametrize("table", ["search", "xla"])
+@pytest.mark.parametrize("table", ["search", "xla", "smem"])
 def test_one_row_items_match_reference(m, sizes, shape, mode, table, monkeypatch):
     monkeypatch.setattr(gm, "ONE_ROW_TABLE", table)     # read at trace time: the rows' groups in-kernel or by XLA
     e, n, k = shape
     if sizes == "distinct":
         sizes = np.zeros(e, np.int32)
         sizes[np.random.default_rng(m).choice(e, m, replace=False)] = 1
+    if sizes == "skewed300":
+        sizes = np.zeros(e, np.int32)
+        sizes[[3, 41, 290, 299]] = [2, 4, 1, 20]      # rows 0-1, 2-5, 6, then 7-8 in the last group
     assert gm.use_one_row_items(m, e, False) == (e >= m)
     kx, kw = jax.random.split(jax.random.PRNGKey(50 + m))
     w = _weight(kw, e, n, k, per_row=mode == "w4a16_per_row")
