@@ -28,9 +28,11 @@ Structure (per CTA, persistent over the SMs; tokamax's sm90 quantized kernel has
 - Work items (group, rows): one XLA launch turns `group_sizes` into a table of prefix sums (`item_table`); every
   thread finds its unit's item by a search over it (`item_fields`). Only item indices that can have rows are
   visited; rows past sum(group_sizes) get explicit zero items. At decode sizes (<= 16 rows over at least as many
-  groups, `use_one_row_items`) every row is its own item instead: the thread searches the row's group in the
-  rows' segment starts (`row_start_table`, `row_segment`) and the x-loader warp reads the row itself, so x needs no
-  preparation launch. `fused_moe` passes each row's group directly (`row_group`, unsorted rows).
+  groups, `use_one_row_items`) every row is its own item instead, and the x-loader warp reads the row itself, so
+  x needs no preparation launch. Where each row's group comes from is `ONE_ROW_TABLE`: built in shared memory by
+  the memory warpgroup from `group_sizes` ("smem", `row_table.py`: no launch before the kernel), computed by XLA
+  ("xla", two launches), or searched by every thread in the rows' segment starts ("search", `row_start_table`,
+  `row_segment`: one launch). `fused_moe` passes each row's group directly (`row_group`, unsorted rows).
 
 Two epilogues share the body: "linear" (out = acc * row_scale) and "swiglu" (two weights, W1 and W3, in the
 same CTA: out = silu(min(g, L)) * clip(u, -L, L)); the latter is used by `fused_moe`.
