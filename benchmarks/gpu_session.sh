@@ -2,7 +2,7 @@
 # Everything the GPU machine is needed for, in one call, most important first; each step is bounded so a slow
 # one cannot eat the rest, and each step's log lands in $OUT (or ./out) for RESULTS.md.
 #
-#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests fused experts prefetch ncu_l2 decode decode_b1 decode_ab decode_cb profile ncu kernels sweep breakdown paired onerow
+#   benchmarks/gpu_session.sh [STEP ...]   steps: sinkhorn shard tests fused experts prefetch ncu_l2 decode decode_b1 decode_ab decode_cb profile ncu kernels sweep breakdown paired onerow smem
 #
 # One device call may run 600 s and each step is bounded, so e.g. `decode shard` (~500 s) or `tests` + `experts`
 # (~450 s) fit one call each, and `kernels` (~280 s with every baseline) nearly fills one on its own.
@@ -107,8 +107,17 @@ for s in "${steps[@]}"; do
                   --tb=short
              step onerow_grouped 120 python benchmarks/ncu_experts.py --grouped --tokens-list "${TOKENS:-1,2,1}" \
                   --variants "${VARIANTS:-auto,auto:xla,default}" ;;
+    smem)    # ONE_ROW_TABLE = "smem" (the rows' groups built in shared memory, no launch before the kernel): its GPU
+             # tests (and the xla table's), the grouped call at T = 1, 2 against the other tables and the sorted
+             # items; then, if the tests passed, the issue's benchmark (tokamax carried if .carry/tokamax exists)
+             step smem_tests 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_kernels_grouped.py \
+                  -k "one_row and smem" --tb=short -x && smem_ok=1 || smem_ok=0
+             step smem_grouped 140 python benchmarks/ncu_experts.py --grouped --tokens-list "${TOKENS:-1,2,1}" \
+                  --variants "${VARIANTS:-auto:smem,auto:xla,auto:search,default}"
+             [ "$smem_ok" = 1 ] && step kernels 300 python benchmarks/moe_kernels.py \
+                  --sections ceilings,grouped,fused,actquant --tokens 1,8,64,256,2048,8192 --out "$out" ;;
     breakdown) # the grouped call's XLA glue against its kernel, per launch (decode sizes)
              step breakdown 90 python benchmarks/moe_kernels.py --sections breakdown --tokens 1,8,64 --out "$out" ;;
-    *) echo "unknown step $s (sinkhorn shard tests fused experts prefetch ncu_l2 decode decode_b1 decode_ab decode_cb profile ncu kernels sweep breakdown paired onerow)" >&2; exit 2 ;;
+    *) echo "unknown step $s (sinkhorn shard tests fused experts prefetch ncu_l2 decode decode_b1 decode_ab decode_cb profile ncu kernels sweep breakdown paired onerow smem)" >&2; exit 2 ;;
   esac
 done

@@ -83,7 +83,7 @@ _WG_SEARCH = "binary"
 # search's 23.3, H200, RESULTS.md eighteenth session); "smem": no XLA launch, warp 3 of each CTA builds the table
 # in shared memory from group_sizes (`row_table.py`) and every other warp reads its row's group there (interpret
 # mode, and more than row_table.MAX_GROUPS groups, take "xla").
-ONE_ROW_TABLE = "search"
+ONE_ROW_TABLE = "smem"
 _ONE_ROW_TABLES = ("search", "xla", "smem")
 _WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
 # Diagnostics only (the results are WRONG while set): parts of the kernel's work to skip, to time what remains
