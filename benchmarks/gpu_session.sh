@@ -108,7 +108,7 @@ for s in "${steps[@]}"; do
              step onerow_grouped 120 python benchmarks/ncu_experts.py --grouped --tokens-list "${TOKENS:-1,2,1}" \
                   --variants "${VARIANTS:-auto,auto:xla,default}" ;;
     smem)    # ONE_ROW_TABLE = "smem" (the rows' groups built in shared memory, no launch before the kernel): its GPU
-             # tests (and the xla table's), the grouped call at T = 1, 2 against the other tables and the sorted
+             # tests, the grouped call at T = 1, 2 against the other tables and the sorted
              # items; then, if the tests passed, the issue's benchmark (tokamax carried if .carry/tokamax exists)
              step smem_tests 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_kernels_grouped.py \
                   -k "one_row and smem" --tb=short -x && smem_ok=1 || smem_ok=0
