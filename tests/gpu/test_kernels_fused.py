@@ -59,9 +59,10 @@ def test_fused_moe_matches_reference(t, w4a4):
     assert np.abs(out - ref).max() <= 2.0 ** -6 * np.abs(ref).max()
 
 
-def test_dense_nvfp4_linear_through_dispatch():
+@pytest.mark.parametrize("lead", [(3, 5), (1, 1)])     # (1, 1): batch-1 decode, one row over one group: one-row
+def test_dense_nvfp4_linear_through_dispatch(lead):      # items, the row's group built in SMEM from [1]
     w = nvfp4.quantize(jax.random.normal(jax.random.PRNGKey(0), (512, 1024)))
-    x = jax.random.normal(jax.random.PRNGKey(1), (3, 5, 1024)).astype(jnp.bfloat16)
+    x = jax.random.normal(jax.random.PRNGKey(1), (*lead, 1024)).astype(jnp.bfloat16)
     out = np.asarray(dispatch.linear(x, w).astype(jnp.float32))
     hi = jax.lax.Precision.HIGHEST     # the GPU's default f32 matmul precision is not fp32
     ref = np.asarray(jnp.einsum("...k,nk->...n", x.astype(jnp.float32), w.dequantize(jnp.float32), precision=hi))
