@@ -1194,8 +1194,8 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
 
     Rows sorted by group (`group_sizes`), or, with row_group [M] given, in any order: one work item per row (rows
     of one group in different items each stream its weights, so this is for rows whose groups seldom repeat).
-    one_row_items: rows sorted by group (`group_sizes`) but one work item per row, as with row_group; each thread
-    finds the row's group in `row_start_table` (one small XLA launch, as the sorted items' table).
+    one_row_items: rows sorted by group (`group_sizes`) but one work item per row, as with row_group; where each
+    row's group comes from is ONE_ROW_TABLE ("smem": built by the kernel itself, `row_table.py`).
     m given: x is already `prepare_activation(x, m, cfg)`. prepare_for given: the result is returned as
     `prepare_activation(result, M, prepare_for)`, the next launch's operand (with a K split, the permutation
     fuses into the XLA sum of the partials). l2_prefetch = (packed, block_scale) of a weight [E, N2, K2] (rows
