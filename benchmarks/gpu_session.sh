@@ -109,7 +109,9 @@ for s in "${steps[@]}"; do
                   --variants "${VARIANTS:-auto,auto:xla,default}" ;;
     smem)    # ONE_ROW_TABLE = "smem" (the rows' groups built in shared memory, no launch before the kernel): its GPU
              # tests, the grouped call at T = 1, 2 against the other tables and the sorted
-             # items; then, if the tests passed, the issue's benchmark (tokamax carried if .carry/tokamax exists)
+             # items; then, if the tests passed, the issue's benchmark (tokamax carried if .carry/tokamax exists; with
+             # every baseline its 300 s ended inside the fused block at T = 2048, H200 2026-12-07: give it a call of
+             # its own, `kernels`, for the prefill rows)
              step smem_tests 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_kernels_grouped.py \
                   -k "one_row and smem" --tb=short -x && smem_ok=1 || smem_ok=0
              step smem_grouped 140 python benchmarks/ncu_experts.py --grouped --tokens-list "${TOKENS:-1,2,1}" \

@@ -80,9 +80,10 @@ _WG_SEARCH = "binary"
 # Where one-row items from group sizes find their rows' groups. "search": in the kernel, over `row_start_table`
 # (one XLA launch before the kernel); "xla": XLA computes them (`row_groups_of_sizes`, two launches) and each thread
 # loads its row's with one load, as the row_group of `fused_moe` (the kernel then ran 20.8 us at T = 1 against the
-# search's 23.3, H200, RESULTS.md eighteenth session); "smem": no XLA launch, warp 3 of each CTA builds the table
-# in shared memory from group_sizes (`row_table.py`) and every other warp reads its row's group there (interpret
-# mode, and more than row_table.MAX_GROUPS groups, take "xla").
+# search's 23.3, H200, RESULTS.md eighteenth session); "smem": no XLA launch, the memory warpgroup builds the table
+# in shared memory from group_sizes (`row_table.py`) and every unit reads its row's group there (the call at T = 1
+# 23.5 us against 24.5 for "xla" and 26.0 for "search", H200, RESULTS.md nineteenth session; interpret mode, and
+# more than row_table.MAX_GROUPS groups, take "xla").
 ONE_ROW_TABLE = "smem"
 _ONE_ROW_TABLES = ("search", "xla", "smem")
 _WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
@@ -375,9 +376,9 @@ class _Dims:
     # Rows mode whose row_group may hold -1 (rows past sum(group_sizes): no matmul, zero output) instead of being
     # clamped to [0, E): `row_groups_of_sizes`' table (ONE_ROW_TABLE = "xla").
     row_tail: bool = False
-    # Rows mode from group sizes with the rows' groups built in shared memory by warp 3 of the memory warpgroup
-    # (`row_table.build`, ONE_ROW_TABLE = "smem"): the table operand is group_sizes itself, every other warp waits
-    # for the table once and reads its row's group with one shared-memory load; -1 past sum(group_sizes).
+    # Rows mode from group sizes with the rows' groups built in shared memory by each warp of the memory warpgroup
+    # (`row_table.build`, ONE_ROW_TABLE = "smem"): the table operand is group_sizes itself, the compute warpgroups
+    # wait for it once, every unit reads its row's group with one shared-memory load; -1 past sum(group_sizes).
     row_table_smem: bool = False
     split_k: int = 1          # > 1: each unit sums K / split_k; fp32 partials [split_k, M, nw * N] are the output
     prefetch_rows: int = 0    # rows mode: L2-prefetch the next kernel's weight [E, N2, K2] of the first rows' groups
@@ -476,7 +477,7 @@ def _build_kernel(dims: _Dims, cfg: Config, epilogue: str, swiglu_limit: float |
                 _prefetch_rows_l2(table_gmem, pf_packed, pf_scales, dims.prefetch_rows, _num_sms())
         if not dims.rows_mode:     # the item table: searched for every unit (`item_fields`)
             scratch, (t_smem, t_bar) = scratch[:-2], scratch[-2:]
-        if dims.row_table_smem:    # the rows' groups, built by warp 3 (`row_table.build`), and its "ready" barrier
+        if dims.row_table_smem:    # the rows' groups (`row_table.build`), and their "ready" barrier
             scratch, (rt_smem, rt_bar) = scratch[:-2], scratch[-2:]
 
         def wait_row_table():
@@ -1239,8 +1240,8 @@ def _launch(x, packs, scales, row_scales, group_sizes, out_dtype, cfg: Config, e
     if ONE_ROW_TABLE not in _ONE_ROW_TABLES:
         raise ValueError(f"ONE_ROW_TABLE must be one of {_ONE_ROW_TABLES}, got {ONE_ROW_TABLE!r}")
     table_mode = ONE_ROW_TABLE if one_row_items else None
-    if table_mode == "smem" and (interpret or x_source == "swiglu" or row_table.supported(m, e) is not None):
-        table_mode = "xla"      # no warp code in interpret mode; warp 3 loads x for "swiglu"; too many groups
+    if table_mode == "smem" and (interpret or row_table.supported(m, e) is not None):
+        table_mode = "xla"      # no warp code in interpret mode; too many groups
     table_in_kernel = table_mode == "search"
     if table_mode == "smem":
         table, n_items = group_sizes.astype(jnp.int32), m

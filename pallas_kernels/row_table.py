@@ -4,8 +4,9 @@ One-row items need the group of every row r < M (rows sorted by group, as `lax.r
 segment starts at or before r, and -1 for rows past sum(group_sizes) (the zero tail). XLA needs two launches for
 that table (a prefix sum over the groups, then a count per row: a reduction cannot feed another inside one
 fusion), and a search in every thread over a one-launch table of segment starts cost the kernel 2.5 us at T = 1
-(H200, benchmarks/RESULTS.md, eighteenth session). Here one warp of each CTA builds the table in shared memory
-from `group_sizes` itself, once, and every other warp reads its row's group with one shared-memory load:
+(H200, benchmarks/RESULTS.md, eighteenth session). Here each warp of the memory warpgroup builds the whole table
+in shared memory from `group_sizes` itself, once per CTA (the four write the same words), and every unit then
+reads its row's group with one shared-memory load:
 
 1. lane L reads groups [L * P, L * P + P) (P = ceil(E / 32); one round of independent global loads) and clamps
    each size to [0, M], as `row_start_table` does;
@@ -14,9 +15,9 @@ from `group_sizes` itself, once, and every other warp reads its row's group with
 3. each lane writes its groups' indices into their rows (a loop over at most M rows in all) and -1 into the rows
    r in [total, M) that are its own (r % 32 == L); rows are disjoint, so no two lanes write one entry.
 
-`reference` is the table in jnp and `simulate_warp` the three steps in numpy, lane by lane (the CPU tests check
-one against the other); `build` emits them for the GPU, `load` reads an entry from a warp (Mosaic GPU has no
-warp-level lowering of scalar shared-memory loads).
+`simulate_warp` is the three steps in numpy, lane by lane (the CPU tests check it against the XLA form of the
+same table, `grouped_matmul.row_groups_of_sizes`); `build` emits them for the GPU, `load` reads an entry from a
+warp or a warpgroup (Mosaic GPU has no warp-level lowering of scalar shared-memory loads).
 """
 from __future__ import annotations
 
@@ -40,14 +41,6 @@ def supported(m: int, num_groups: int) -> str | None:
     if not 0 < m <= 1024:
         return f"{m} rows (the in-kernel table takes 1 to 1024)"
     return None
-
-
-def reference(group_sizes: jnp.ndarray, m: int) -> jnp.ndarray:
-    """int32 [m]: row r's group (sizes clipped to [0, m], as the kernel's tables), -1 past their sum."""
-    sizes = jnp.clip(group_sizes.astype(jnp.int32), 0, m)
-    ends = jnp.cumsum(sizes)                                               # [E], row where group g ends
-    g = jnp.sum(ends[None, :] <= jnp.arange(m)[:, None], axis=1)           # groups that end at or before r
-    return jnp.where(g < sizes.shape[0], g, -1).astype(jnp.int32)
 
 
 def simulate_warp(group_sizes, m: int) -> np.ndarray:
@@ -93,9 +86,10 @@ def simulate_warp(group_sizes, m: int) -> np.ndarray:
 
 
 def build(sizes_gmem, table_smem, m: int):
-    """Inside the kernel, one warp (all 32 lanes): table_smem[r] = row r's group for r < m, from group_sizes
-    (int32 [E] in global memory). Ends with the warp synchronised: its lanes' shared-memory writes are ordered
-    before the caller's arrival on a barrier (release), which the readers wait on (acquire)."""
+    """Inside the kernel, every warp that runs it (all 32 lanes; each warp independently): table_smem[r] = row r's
+    group for r < m, from group_sizes (int32 [E] in global memory). Ends with the warp synchronised, so the warp
+    may read any entry at once, and its writes are ordered before a later arrival on a barrier (release) that
+    other warps wait on (acquire)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     (e,) = sizes_gmem.shape
@@ -112,7 +106,7 @@ def build(sizes_gmem, table_smem, m: int):
 
 
 def load(table_smem, i):
-    """One warp: table_smem[i] (int32 scalar i) with one `ld.shared`, as an int32 scalar."""
+    """table_smem[i] (int32 scalar i) with one `ld.shared`, as an int32 scalar (in a warp or a warpgroup)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     splat = plgpu.Layout.WGMMA
